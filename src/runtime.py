@@ -1,0 +1,133 @@
+"""The trial's worker process: its environment (threads, allocator) and its life (spawn, stream its
+output, enforce the timeout, report how it ended).
+
+A fresh process per trial because thread pools, OpenMP settings and a preloaded allocator can only
+be chosen before torch loads, and Hydra's launchers reuse one process for every job.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from src import hw
+from src.config import PROJECT_ROOT
+
+WORKER_LOG = "worker.log"
+# Never handed to the worker: it needs no credentials, and a crash dump must not contain them.
+_SECRET_ENV = ("WANDB_API_KEY",)
+
+
+def worker_env(cfg: Any, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of the worker process, built from cfg.cpu and cfg.model."""
+    env = dict(os.environ if base is None else base)
+    for key in _SECRET_ENV:
+        env.pop(key, None)
+    threads = cfg.cpu.threads or hw.usable_cores()
+    env.update({
+        "PARETUNE_THREADS": str(threads),
+        "OMP_NUM_THREADS": str(threads),   # OpenMP pool used by ATen's parallel loops
+        "MKL_NUM_THREADS": str(threads),   # MKL GEMMs (all fp32 matmuls in training)
+        "TOKENIZERS_PARALLELISM": "false",  # the tokenizer's own pool would compete for the same cores
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p),
+    })
+    if not cfg.model.allow_download:
+        env["HF_HUB_OFFLINE"] = "1"
+        env["TRANSFORMERS_OFFLINE"] = "1"
+    return env
+
+
+def allocator_in_effect(maps: Path = Path("/proc/self/maps")) -> str:
+    """Which malloc this process really uses, from the libraries mapped into it."""
+    try:
+        text = maps.read_text()
+    except OSError:
+        return "unknown"
+    for name in ("tcmalloc", "jemalloc"):
+        if f"lib{name}" in text:
+            return name
+    return "system"
+
+
+@dataclass
+class WorkerExit:
+    returncode: int | None
+    timed_out: bool
+    wall_s: float
+    log_tail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+    def describe(self, timeout_s: float) -> str:
+        if self.timed_out:
+            return f"worker killed after the {timeout_s:g} s timeout (train.worker_timeout_s)"
+        if self.returncode is not None and self.returncode < 0:
+            sig = signal.Signals(-self.returncode).name
+            hint = " (often the kernel's out-of-memory killer)" if sig == "SIGKILL" else ""
+            return f"worker killed by {sig}{hint}"
+        return f"worker exited with code {self.returncode}"
+
+
+def _tee(src: BinaryIO, log_path: Path, echo: BinaryIO) -> None:
+    # Chunks, not lines: progress bars redraw with carriage returns and must reach the terminal live.
+    with open(log_path, "ab") as log:
+        while chunk := src.read1(4096) if hasattr(src, "read1") else src.read(4096):
+            log.write(chunk)
+            log.flush()
+            try:
+                echo.write(chunk)
+                echo.flush()
+            except (OSError, ValueError):
+                pass
+
+
+def _tail(path: Path, n_bytes: int = 4000) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, path.stat().st_size - n_bytes))
+            return fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def run_worker(trial_dir: Path, env: dict[str, str], timeout_s: float,
+               python: str = sys.executable) -> WorkerExit:
+    """Run ``python -m src.worker trial_dir`` in its own process group and wait for it."""
+    log_path = trial_dir / WORKER_LOG
+    start = time.perf_counter()
+    proc = subprocess.Popen([python, "-m", "src.worker", str(trial_dir)], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    assert proc.stdout is not None
+    echo = getattr(sys.stderr, "buffer", sys.stderr)
+    tee = threading.Thread(target=_tee, args=(proc.stdout, log_path, echo), daemon=True)
+    tee.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _kill_group(proc)
+    except BaseException:  # Ctrl-C or the sweep dying: never leave an orphan training run behind
+        _kill_group(proc)
+        raise
+    finally:
+        tee.join(timeout=10)
+    return WorkerExit(proc.returncode, timed_out, time.perf_counter() - start, _tail(log_path))
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()

@@ -1,0 +1,111 @@
+"""Tracking, derived from result.json after the worker has finished: one line in the sweep's local
+trials.jsonl, and one W&B run per trial (offline by default, files kept in the trial dir).
+
+Tracking never decides whether a trial succeeded: any failure here is a warning, and the record
+on disk stays the truth. No dataset or generated text is sent unless logger.log_text is true.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from src.results import TrialResult
+
+log = logging.getLogger(__name__)
+
+LOCAL_LOG = "trials.jsonl"
+_WANDB_DIR_VARS = ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR")
+
+
+def summary_row(result: TrialResult) -> dict[str, Any]:
+    """The text-free summary of a trial: what goes to trials.jsonl and the sweep table."""
+    return {
+        "trial": result.trial.get("id"), "dir": result.trial.get("dir"), "status": result.status,
+        "overrides": result.trial.get("overrides", []), "objectives": result.objectives,
+        "metrics": result.metrics, "baseline": result.baseline, "gains": result.gains,
+        "error": (result.error or {}).get("message"),
+    }
+
+
+def append_local(result: TrialResult, path: Path) -> None:
+    # One write() of one line with O_APPEND: concurrent workers' lines do not interleave.
+    line = (json.dumps(summary_row(result)) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _wandb_dirs(trial_dir: Path) -> Iterator[None]:
+    """Point every W&B directory into the trial dir (otherwise it also writes under $HOME)."""
+    saved = {k: os.environ.get(k) for k in _WANDB_DIR_VARS}
+    for k in _WANDB_DIR_VARS:
+        os.environ[k] = str(trial_dir / ("wandb" if k == "WANDB_DIR" else ".wandb-" + k[6:-4].lower()))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _train_rows(trial_dir: Path, result: TrialResult) -> list[dict[str, float]]:
+    name = result.artifacts.get("train_log")
+    if not name or not (trial_dir / name).is_file():
+        return []
+    return [json.loads(line) for line in (trial_dir / name).read_text().splitlines() if line.strip()]
+
+
+def log_wandb(result: TrialResult, trial_dir: Path, lcfg: Any) -> None:
+    import wandb
+
+    group = lcfg.group or result.trial.get("group")
+    config = {**result.config, "trial": {k: result.trial.get(k) for k in ("id", "overrides", "job_num")}}
+    with _wandb_dirs(trial_dir):
+        settings = wandb.Settings(console="off", x_disable_stats=True, disable_git=True, save_code=False,
+                                  silent=True)
+        run = wandb.init(project=lcfg.project, entity=lcfg.entity, group=group, name=result.trial.get("id"),
+                         job_type="trial", config=config, mode=str(lcfg.mode), dir=str(trial_dir),
+                         reinit="create_new", settings=settings)
+        try:
+            for row in _train_rows(trial_dir, result):
+                step = int(row.pop("step"))
+                run.log(row, step=step)
+            run.summary.update({**result.metrics, **result.baseline, **result.gains, "status": result.status})
+            if result.error:
+                run.summary["error"] = result.error.get("message", "")
+            if lcfg.log_text and result.artifacts.get("predictions"):
+                rows = [json.loads(x) for x in (trial_dir / result.artifacts["predictions"]).read_text().splitlines()]
+                table = wandb.Table(columns=["id", "reference", "prediction"],
+                                    data=[[r["id"], r["reference"], r["prediction"]] for r in rows])
+                run.log({"eval/predictions": table})
+        finally:
+            run.finish(exit_code=0 if result.status == "completed" else 1)
+
+
+def track(result: TrialResult, trial_dir: Path, lcfg: Any) -> list[str]:
+    """Record the trial locally and in W&B; returns warnings instead of raising."""
+    warnings = []
+    try:
+        append_local(result, trial_dir.parent / LOCAL_LOG)
+    except OSError as exc:
+        warnings.append(f"could not append to {trial_dir.parent / LOCAL_LOG}: {exc}")
+    if str(lcfg.backend) == "wandb" and str(lcfg.mode) != "disabled":
+        try:
+            log_wandb(result, trial_dir, lcfg)
+        except Exception as exc:  # noqa: BLE001 - W&B trouble must not fail a recorded trial
+            warnings.append(f"W&B logging failed ({type(exc).__name__}: {exc}); the trial is recorded in "
+                            f"{trial_dir / 'result.json'}")
+    for w in warnings:
+        log.warning(w)
+    return warnings

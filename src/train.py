@@ -1,0 +1,134 @@
+"""``python -m src.train [-m] overrides...``: one trial, or a sweep of them with -m.
+
+A thin Hydra shell: ``main`` names the trial and hands the composed config to ``run_trial``, which
+checks it, runs the worker process, reads its result.json and tracks it. ``run_trial`` is plain
+Python, importable by tests and by sweepers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from src import data, results, runtime, tracking
+from src.config import PROJECT_ROOT, ConfigError, register_configs, to_plain, validate
+from src.results import TrialResult
+from src.worker import CONFIG_FILE
+
+log = logging.getLogger("paretune")
+
+
+def git_state(root: Path = PROJECT_ROOT) -> dict[str, Any]:
+    """Commit and dirty flag of the code that runs the trial (None outside a git checkout)."""
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                                  check=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit, "git_dirty": None if commit is None else bool(status)}
+
+
+def preflight(cfg: DictConfig) -> dict[str, int]:
+    """Every check that is cheap, before a worker starts: schema rules, then the data files."""
+    validate(cfg)
+    return data.check_files(cfg.data)
+
+
+def _failed_without_record(cfg: dict[str, Any], trial: dict[str, Any], exit_: runtime.WorkerExit,
+                           timeout_s: float) -> TrialResult:
+    trial = {**trial, "finished_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    environment = trial.pop("environment", {})
+    return TrialResult(status="failed", trial=trial, config={k: v for k, v in cfg.items() if k != "trial"},
+                       error={"type": "WorkerDied", "message": exit_.describe(timeout_s),
+                              "traceback": exit_.log_tail},
+                       timings={"worker_wall_s": exit_.wall_s}, environment=environment,
+                       seed=cfg["train"]["seed"])
+
+
+def run_trial(cfg: DictConfig, trial_dir: Path, trial: dict[str, Any]) -> TrialResult:
+    """Check ``cfg``, run it in a fresh worker process, record and track the outcome.
+
+    Raises ConfigError / DataError for bad input (before any work). Anything that goes wrong
+    inside the worker becomes a failed TrialResult instead: a trial's failure never ends a sweep.
+    """
+    counts = preflight(cfg)
+    # From here on, parent and worker read the same plain config (enums as their names).
+    cfg = OmegaConf.create(to_plain(cfg))
+    trial_dir = trial_dir.resolve()
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    (trial_dir / results.RESULT_FILE).unlink(missing_ok=True)  # never read back a stale record
+    trial = {**trial, "dir": str(trial_dir), "records": counts, "environment": git_state(),
+             "started_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    plain = {**to_plain(cfg), "trial": trial}
+    (trial_dir / CONFIG_FILE).write_text(json.dumps(plain, indent=2))
+
+    timeout_s = float(cfg.train.worker_timeout_s)
+    exit_ = runtime.run_worker(trial_dir, runtime.worker_env(cfg), timeout_s)
+    try:
+        result = results.read(trial_dir)
+    except (OSError, ValueError, TypeError):
+        result = _failed_without_record(plain, trial, exit_, timeout_s)
+        results.write(trial_dir, result)
+    if result.status == "completed" and not exit_.ok:
+        log.warning("the worker wrote a completed record, then %s", exit_.describe(timeout_s))
+    result.timings["trial_wall_s"] = exit_.wall_s
+    tracking.track(result, trial_dir, cfg.logger)
+    _announce(result, trial_dir)
+    return result
+
+
+def _announce(result: TrialResult, trial_dir: Path) -> None:
+    if result.status == "completed":
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in result.objectives.items())
+        log.info("trial %s completed: %s (%s)", result.trial.get("id"), shown, trial_dir / results.RESULT_FILE)
+    else:
+        log.error("trial %s %s: %s (%s)", result.trial.get("id"), result.status,
+                  (result.error or {}).get("message"), trial_dir / results.RESULT_FILE)
+
+
+def trial_identity() -> tuple[Path, dict[str, Any]]:
+    """The trial's directory and name, from Hydra's job: one directory = one trial."""
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        group = "_".join(Path(hc.sweep.dir).parts[-2:])
+        ident = f"{group}-{hc.job.num}"
+    else:
+        group, ident = "single", "_".join(Path(hc.run.dir).parts[-2:])
+    info = {"id": ident, "group": group, "job_num": hc.job.num if hc.mode == RunMode.MULTIRUN else None,
+            "overrides": list(hc.overrides.task)}
+    return Path(hc.runtime.output_dir), info
+
+
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> list[float] | None:
+    """Run one trial; return its objectives in declared order, or None when it did not complete."""
+    trial_dir, info = trial_identity()
+    try:
+        result = run_trial(cfg, trial_dir, info)
+    except (ConfigError, data.DataError) as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+    if result.status != "completed":
+        return None
+    return [result.objectives[o.name] for o in cfg.objectives]
+
+
+if __name__ == "__main__":
+    main()

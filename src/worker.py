@@ -1,0 +1,222 @@
+"""Entry of the fresh trial process: ``python -m src.worker <trial_dir>``.
+
+The parent (src.train) has already set threads and allocator in this process's environment, so
+they apply before torch loads. Reads ``trial_config.json``, runs seed -> data -> model -> baseline
+-> LoRA -> train -> evaluate -> cost, and always leaves a result.json: completed, or failed with
+the error. Exit code 0 when completed, 1 when failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from src import metrics as M
+from src import results
+from src.results import TrialResult
+
+CONFIG_FILE = "trial_config.json"
+TRAIN_LOG = "train_log.jsonl"
+PREDICTIONS = "predictions.jsonl"
+ADAPTER_DIR = "adapter"
+
+log = logging.getLogger("paretune.worker")
+
+
+@dataclass
+class Trial:
+    """What the worker has learnt so far; written as the record whether the trial ends well or not."""
+    cfg: DictConfig
+    trial_dir: Path
+    started: float = field(default_factory=time.perf_counter)
+    metrics: dict[str, float] = field(default_factory=dict)
+    baseline: dict[str, float] = field(default_factory=dict)
+    gains: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    cost_info: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    cpu: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+
+    def record(self, status: str, error: dict[str, str] | None = None) -> TrialResult:
+        plain = OmegaConf.to_container(self.cfg, resolve=True)
+        assert isinstance(plain, dict)
+        trial_info = dict(plain.pop("trial", {}))
+        trial_info["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+        environment = trial_info.pop("environment", {})
+        environment["packages"] = _versions()
+        objectives = {}
+        if status == "completed":
+            objectives = {o["name"]: self.metrics[o["name"]] for o in plain["objectives"]}
+        return TrialResult(
+            status=status, trial=trial_info, config=plain, metrics=self.metrics, baseline=self.baseline,
+            gains=self.gains, objectives=objectives, error=error, timings=self.timings,
+            cost_info=self.cost_info, data=self.data, cpu=self.cpu, environment=environment,
+            artifacts=self.artifacts, seed=plain["train"]["seed"])
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "transformers", "peft", "accelerate", "hydra-core", "omegaconf", "optuna", "wandb",
+                "rouge-score", "bert-score", "numpy", "tokenizers", "safetensors", "paretune"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _cpu_in_effect() -> dict[str, Any]:
+    """Settings as this process really has them (read back, not copied from the config)."""
+    import torch
+
+    from src import hw, runtime
+
+    facts = hw.probe()
+    facts.update(
+        torch_threads=torch.get_num_threads(),
+        torch_interop_threads=torch.get_num_interop_threads(),
+        omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+        allocator=runtime.allocator_in_effect(),
+        aten_cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        mkl_available=torch.backends.mkl.is_available(),
+        mkldnn_available=torch.backends.mkldnn.is_available(),
+    )
+    return facts
+
+
+def _apply_cpu(cfg: DictConfig) -> None:
+    import torch
+
+    threads = int(os.environ["PARETUNE_THREADS"])
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(int(cfg.cpu.interop_threads))  # once per process, before parallel work
+
+
+def _seed(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _attach_lora(model: Any, cfg: DictConfig) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    lc = cfg.lora
+    config = LoraConfig(r=lc.r, lora_alpha=lc.alpha if lc.alpha is not None else 2 * lc.r,
+                        lora_dropout=lc.dropout, target_modules=list(lc.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+
+
+def run(t: Trial) -> None:
+    from src import baseline, cost, data, evaluate, loop, model
+
+    cfg, tdir = t.cfg, t.trial_dir
+    _apply_cpu(cfg)
+    t.cpu = _cpu_in_effect()
+    _seed(cfg.train.seed)
+    cache_dir = Path(cfg.paths.cache_dir)
+
+    t0 = time.perf_counter()
+    tok, net, t.data["model"] = model.load(cfg.model, cache_dir, cfg.train.seed)
+    t.timings["load_s"] = time.perf_counter() - t0
+    builder = data.PromptBuilder(tok, cfg.data.instruction, cfg.train.max_seq_len, str(cfg.data.truncation))
+    train_ex, eval_ex, t.data["splits"] = data.load_splits(cfg.data, builder, cfg.eval.num_examples,
+                                                           cfg.train.seed)
+    pad_id, eos_id = int(tok.pad_token_id), builder.eos_id
+
+    def score(m: Any) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        return evaluate.evaluate(m, tok, eval_ex, cfg.eval, pad_id, eos_id, cfg.train.batch_size)
+
+    t.baseline, info = baseline.get_or_compute(cache_dir, cfg, data.split_paths(cfg.data)["eval"],
+                                               lambda: score(net)[0])
+    t.timings["baseline_s"] = info["seconds"]
+    t.data["baseline"] = {"cached": info["cached"], "key": info["key"]}
+
+    # The trial's own cost is measured from here: the untuned baseline is shared by every trial.
+    meter = cost.EnergyMeter.start()
+    _seed(cfg.train.seed)
+    net = _attach_lora(net, cfg)
+    t.data["trainable_params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    with open(tdir / TRAIN_LOG, "w") as train_log:
+        def on_log(row: dict[str, float]) -> None:
+            train_log.write(json.dumps(row) + "\n")
+            train_log.flush()
+
+        stats = loop.train(net, train_ex, cfg.train, pad_id, on_log)
+    t.artifacts["train_log"] = TRAIN_LOG
+    t.data["stopped_by"] = stats.stopped_by
+    net.save_pretrained(tdir / ADAPTER_DIR)
+    t.artifacts["adapter"] = ADAPTER_DIR
+
+    t0 = time.perf_counter()
+    if cfg.eval.merge_adapter:
+        net = net.merge_and_unload()
+    t.data["eval_model"] = "merged" if cfg.eval.merge_adapter else "adapter"
+    scores, rows = score(net)
+    eval_s = time.perf_counter() - t0
+    if rows:
+        _write_jsonl(tdir / PREDICTIONS, rows)
+        t.artifacts["predictions"] = PREDICTIONS
+
+    # Worker wall time without the shared baseline: process start, load, train, eval, saving.
+    total_s = time.perf_counter() - t.started - t.timings["baseline_s"]
+    money, t.cost_info = cost.price(total_s, meter.stop_wh(), cfg.cost)
+    t.metrics = {
+        M.TRAIN_LOSS: stats.final_loss, M.TRAIN_TOKENS_PER_S: stats.tokens_per_s,
+        M.TRAIN_STEPS: float(stats.steps), M.TRAIN_TOKENS: float(stats.tokens),
+        **scores,
+        M.COST_TRAIN_S: stats.train_s, M.COST_EVAL_S: eval_s, M.COST_TOTAL_S: total_s,
+        M.COST_PEAK_RSS_MB: cost.peak_rss_mb(), M.COST_ADAPTER_MB: cost.dir_size_mb(tdir / ADAPTER_DIR),
+        **money,
+    }
+    t.gains = baseline.gains(t.metrics, t.baseline)
+    t.timings.update(train_s=stats.train_s, eval_s=eval_s, total_s=total_s,
+                     worker_wall_s=time.perf_counter() - t.started)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m src.worker <trial_dir>", file=sys.stderr)
+        return 2
+    tdir = Path(argv[1]).resolve()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="[worker %(asctime)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
+    t = Trial(OmegaConf.create(json.loads((tdir / CONFIG_FILE).read_text())), tdir)
+    try:
+        run(t)
+        result = t.record("completed")
+    except BaseException as exc:  # noqa: BLE001 - every failure must end up in the record
+        log.error("trial failed: %s: %s", type(exc).__name__, exc)
+        t.timings["worker_wall_s"] = time.perf_counter() - t.started
+        result = t.record("failed", {"type": type(exc).__name__, "message": str(exc),
+                                     "traceback": traceback.format_exc()})
+    results.write(tdir, result)
+    return 0 if result.status == "completed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

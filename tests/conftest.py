@@ -1,0 +1,88 @@
+"""Shared fixtures: an offline environment, Hydra composition, and a small data set made here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from src.config import PROJECT_ROOT, register_configs
+
+CONF = PROJECT_ROOT / "conf"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# Distinctive synthetic sentences, so a test can search every written file for them.
+SOURCES = [
+    "Doctor: What brings you in today? Patient: My left knee has been swelling since the marathon.",
+    "Doctor: Any allergies? Patient: Penicillin gives me a purple rash on both forearms.",
+    "Doctor: How is your sleep? Patient: I wake at three every night with a pounding heart.",
+    "Doctor: Do you smoke? Patient: I quit cigars eleven years ago after my brother's stroke.",
+    "Doctor: Any family history? Patient: My grandmother had glaucoma in her seventies.",
+    "Doctor: Where is the pain? Patient: A burning ache under the right shoulder blade after meals.",
+]
+SUMMARIES = [
+    "Left knee swelling since running a marathon.",
+    "Allergic to penicillin, which causes a purple forearm rash.",
+    "Nightly awakening at three with palpitations.",
+    "Former cigar smoker, quit eleven years ago.",
+    "Grandmother with glaucoma in her seventies.",
+    "Burning right subscapular pain after meals.",
+]
+HEADERS = ["CC", "ALLERGY", "ROS", "FAM/SOCHX", "FAM/SOCHX", "CC"]
+
+# A short, fast trial on the tiny model; tests add what they check.
+TINY = ["model=tiny", "train.max_steps=3", "train.batch_size=2", "train.max_seq_len=128",
+        "eval.num_examples=2", "eval.max_new_tokens=4", "eval.batch_size=2"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    rows = [{"id": f"ex-{i}", "split": "train", "source": s, "summary": m, "section_header": h}
+            for i, (s, m, h) in enumerate(zip(SOURCES, SUMMARIES, HEADERS, strict=True))]
+    write_jsonl(root / "train.jsonl", rows)
+    write_jsonl(root / "validation.jsonl", [{**r, "id": "val-" + r["id"], "split": "validation"} for r in rows[:3]])
+    return root
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """The project's model cache: the GGUF conversion is reused across test runs."""
+    path = Path(os.environ.get("PARETUNE_CACHE_DIR", PROJECT_ROOT / ".cache"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture
+def cfg_factory(data_root: Path, cache_dir: Path) -> Callable[..., DictConfig]:
+    """compose(overrides) -> the same config `python -m src.train overrides...` would run."""
+    register_configs()
+
+    def make(*overrides: str, with_data: bool = True) -> DictConfig:
+        extra = [f"data.root={data_root}", f"paths.cache_dir={cache_dir}"] if with_data else []
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose("train", overrides=[*extra, *overrides])
+
+    return make
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run `python -m src.train args...` as a user would, from ``cwd``."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "src.train", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
