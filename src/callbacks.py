@@ -33,8 +33,11 @@ def format_table(records: list[dict[str, Any]]) -> str:
     for r in records:
         values = {**r.get("metrics", {}), **r.get("gains", {})}
         cells = [f"{values[c]:.4g}" if c in values else "-" for c in COLUMNS]
-        status = r["status"] if r["status"] == "completed" else f"{r['status']}: {(r.get('error') or {}).get('message', '')}"[:60]
-        rows.append([str(r["trial"].get("job_num", "")), status, " ".join(r["trial"].get("overrides", [])) or "(defaults)", *cells])
+        status = r["status"]
+        if status != "completed":
+            status = f"{status}: {(r.get('error') or {}).get('message', '')}"[:60]
+        overrides = " ".join(r["trial"].get("overrides", [])) or "(defaults)"
+        rows.append([str(r["trial"].get("job_num", "")), status, overrides, *cells])
     widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
     line = "  ".join
     out = [line(h.ljust(w) for h, w in zip(header, widths, strict=True))]

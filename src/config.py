@@ -87,6 +87,7 @@ class TinyShape:
     num_heads: int = MISSING
     num_kv_heads: int = MISSING
     intermediate_size: int = MISSING
+    init_std: float = MISSING
 
 
 @dataclass
@@ -272,6 +273,7 @@ def _check_model(m: DictConfig, errors: list[str]) -> None:
         else:
             for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
                 _range(errors, f"model.shape.{k}", m.shape[k], 1, 65536)
+            _range(errors, "model.shape.init_std", m.shape.init_std, 0, 10, lo_open=True)
             if m.shape.hidden_size % m.shape.num_heads or m.shape.num_heads % m.shape.num_kv_heads:
                 errors.append("model.shape: hidden_size must divide by num_heads, and num_heads by num_kv_heads")
     if source == ModelSource.hf:
@@ -282,7 +284,7 @@ def _check_model(m: DictConfig, errors: list[str]) -> None:
                           "model.allow_download=true to fetch a hub id (needs network)")
 
 
-def _check_data(d: DataConfig | DictConfig, errors: list[str]) -> None:
+def _check_data(d: DictConfig, errors: list[str]) -> None:
     root = Path(d.root)
     for key in ("train_file", "eval_file"):
         p = root / d[key]

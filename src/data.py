@@ -119,7 +119,7 @@ def _record(obj: dict[str, Any], path: Path, lineno: int, dcfg: Any) -> Record:
 
 
 def split_paths(dcfg: Any) -> dict[str, Path]:
-    root = Path(dcfg.root)
+    root = Path(dcfg.root).expanduser().resolve()
     return {"train": root / dcfg.train_file, "eval": root / dcfg.eval_file}
 
 

@@ -81,7 +81,7 @@ def train(model: Any, examples: list[Example], tcfg: Any, pad_id: int,
     scheduler = get_scheduler(str(tcfg.scheduler), optimizer, num_warmup_steps=int(tcfg.warmup_ratio * steps),
                               num_training_steps=steps)
     if tcfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     stream = batches(examples, tcfg.batch_size, tcfg.seed)
     stats = TrainStats()
@@ -115,6 +115,6 @@ def train(model: Any, examples: list[Example], tcfg: Any, pad_id: int,
             break
     bar.close()
     if tcfg.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
     model.eval()
     return stats

@@ -62,7 +62,8 @@ def converted_gguf_dir(mcfg: Any, cache_dir: Path) -> Path:
 
     def build(tmp: Path) -> None:
         log.info("converting %s to safetensors (once per machine, about 30 s)", gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                          dtype=torch.float32)
         # save_pretrained refuses while the GGUF quantizer is attached; the weights are already fp32.
         model.hf_quantizer.remove_quantization_config(model)
         model.save_pretrained(tmp)
@@ -89,7 +90,8 @@ def _tiny_model(shape: Any, tokenizer: Any, seed: int) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=shape.hidden_size, num_hidden_layers=shape.num_layers,
         num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads,
-        intermediate_size=shape.intermediate_size, max_position_embeddings=4096, tie_word_embeddings=True,
+        intermediate_size=shape.intermediate_size, initializer_range=shape.init_std,
+        max_position_embeddings=4096, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -99,6 +101,7 @@ def _tiny_model(shape: Any, tokenizer: Any, seed: int) -> LlamaForCausalLM:
 def load(mcfg: Any, cache_dir: Path, seed: int) -> tuple[Any, Any, dict[str, Any]]:
     """Tokenizer, fp32 model and facts about what was loaded (for result.json)."""
     source = str(mcfg.source)
+    model: Any
     if source == "gguf":
         folder = converted_gguf_dir(mcfg, cache_dir)
         tok = AutoTokenizer.from_pretrained(folder)

@@ -39,6 +39,8 @@ def worker_env(cfg: Any, base: dict[str, str] | None = None) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p),
     })
+    # matplotlib (imported by bert-score) would otherwise write its font cache under $HOME.
+    env["MPLCONFIGDIR"] = str(Path(cfg.paths.cache_dir) / "matplotlib")
     if not cfg.model.allow_download:
         env["HF_HUB_OFFLINE"] = "1"
         env["TRANSFORMERS_OFFLINE"] = "1"

@@ -75,7 +75,7 @@ def log_wandb(result: TrialResult, trial_dir: Path, lcfg: Any) -> None:
         settings = wandb.Settings(console="off", x_disable_stats=True, disable_git=True, save_code=False,
                                   silent=True)
         run = wandb.init(project=lcfg.project, entity=lcfg.entity, group=group, name=result.trial.get("id"),
-                         job_type="trial", config=config, mode=str(lcfg.mode), dir=str(trial_dir),
+                         job_type="trial", config=config, mode=lcfg.mode, dir=str(trial_dir),
                          reinit="create_new", settings=settings)
         try:
             for row in _train_rows(trial_dir, result):

