@@ -96,6 +96,9 @@ def train(model: Any, examples: list[Example], tcfg: Any, pad_id: int,
             (loss / tcfg.grad_accum).backward()
             step_loss += loss.item() / tcfg.grad_accum
             step_tokens += int(batch["attention_mask"].sum())
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"train/loss became {step_loss} at step {step}: training diverged; "
+                                     "lower train.lr or set train.max_grad_norm")
         if tcfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
         optimizer.step()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -55,10 +56,13 @@ class Trial:
         environment = trial_info.pop("environment", {})
         environment["packages"] = _versions()
         objectives = {}
-        if status == "completed":
+        metrics = self.metrics
+        if status != "completed":  # keep what was measured before the failure, never a non-number
+            metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
+        else:
             objectives = {o["name"]: self.metrics[o["name"]] for o in plain["objectives"]}
         return TrialResult(
-            status=status, trial=trial_info, config=plain, metrics=self.metrics, baseline=self.baseline,
+            status=status, trial=trial_info, config=plain, metrics=metrics, baseline=self.baseline,
             gains=self.gains, objectives=objectives, error=error, timings=self.timings,
             cost_info=self.cost_info, data=self.data, cpu=self.cpu, environment=environment,
             artifacts=self.artifacts, seed=plain["train"]["seed"])
@@ -99,7 +103,10 @@ def _cpu_in_effect() -> dict[str, Any]:
 def _apply_cpu(cfg: DictConfig) -> None:
     import torch
 
-    threads = int(os.environ["PARETUNE_THREADS"])
+    from src import hw
+
+    # Set by the parent from cfg.cpu; a worker started by hand uses every usable core.
+    threads = int(os.environ.get("PARETUNE_THREADS") or hw.usable_cores())
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(int(cfg.cpu.interop_threads))  # once per process, before parallel work
 

@@ -94,3 +94,16 @@ def test_only_lora_weights_change():
     loop.train(net, _examples(), _tcfg(max_steps=2), pad_id=0, on_log=lambda r: None)
     changed = {k for k, v in net.named_parameters() if not torch.equal(v, before[k])}
     assert changed and all("lora_" in k for k in changed)
+
+
+def test_divergence_stops_with_a_clear_error():
+    class Diverging(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, input_ids, attention_mask, labels):
+            return type("Out", (), {"loss": self.w.sum() * float("nan")})
+
+    with pytest.raises(FloatingPointError, match="step 1: training diverged; lower train.lr"):
+        loop.train(Diverging(), _examples(), _tcfg(max_steps=3), pad_id=0, on_log=lambda r: None)

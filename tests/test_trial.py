@@ -95,13 +95,18 @@ def test_wandb_offline_files_hold_the_metrics_and_no_dataset_text(wandb_sweep):
         config = wandb_reader.config(recs)
         assert json.loads(config["lora"])["r"] == r.config["lora"]["r"]
         assert json.loads(config["trial"])["id"] == r.trial["id"]
-    # nothing W&B wrote, nor the local log, contains a sentence of the data set
-    for path in [*sweep_dir.rglob("wandb/**/*"), sweep_dir / "trials.jsonl"]:
-        if path.is_file():
-            text = path.read_bytes().decode("utf-8", "replace")
-            for sentence in _dataset_sentences():
-                for fragment in (sentence, sentence[:40]):
-                    assert fragment not in text, f"{fragment!r} leaked into {path}"
+
+
+def test_no_dataset_text_outside_the_predictions_file(wandb_sweep):
+    """W&B files, logs, records, configs and the printed table hold no sentence of the data set."""
+    proc, sweep_dir, _ = wandb_sweep
+    written = [p for p in sweep_dir.rglob("*") if p.is_file() and p.name != "predictions.jsonl"]
+    assert any("wandb" in p.parts for p in written) and any(p.name == "worker.log" for p in written)
+    for path, text in [*((p, p.read_bytes().decode("utf-8", "replace")) for p in written),
+                       ("stdout", proc.stdout), ("stderr", proc.stderr)]:
+        for sentence in _dataset_sentences():
+            for fragment in (sentence, sentence[:40]):
+                assert fragment not in text, f"{fragment!r} leaked into {path}"
 
 
 def test_wandb_writes_nothing_outside_the_trial_dirs(wandb_sweep):
