@@ -155,7 +155,7 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, data_root, 
 
 
 def test_a_worker_past_its_timeout_is_killed_and_recorded(tmp_path, data_root, cache_dir):
-    proc, sweep_dir = _sweep(tmp_path, data_root, cache_dir, "logger=none", "train.worker_timeout_s=2")
+    proc, sweep_dir = _sweep(tmp_path, data_root, cache_dir, "logger=none", "train.worker_timeout_s=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (r,) = _records(sweep_dir)
     assert r.status == "failed" and r.error["type"] == "WorkerDied"
