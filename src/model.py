@@ -85,7 +85,7 @@ def gguf_tokenizer_dir(mcfg: Any, cache_dir: Path) -> Path:
     return _publish(build, cache_dir / "tokenizers" / _cache_key(gguf))
 
 
-def _tiny_model(shape: Any, tokenizer: Any, seed: int) -> LlamaForCausalLM:
+def tiny_model(shape: Any, tokenizer: Any, seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=shape.hidden_size, num_hidden_layers=shape.num_layers,
@@ -109,7 +109,7 @@ def load(mcfg: Any, cache_dir: Path, seed: int) -> tuple[Any, Any, dict[str, Any
         origin = str(_gguf_path(mcfg))
     elif source == "tiny":
         tok = AutoTokenizer.from_pretrained(gguf_tokenizer_dir(mcfg, cache_dir))
-        model = _tiny_model(mcfg.shape, tok, seed)
+        model = tiny_model(mcfg.shape, tok, seed)
         origin = "built in code"
     elif source == "hf":
         local_only = not mcfg.allow_download

