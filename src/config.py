@@ -285,9 +285,11 @@ def _check_model(m: DictConfig, errors: list[str]) -> None:
 
 
 def _check_data(d: DictConfig, errors: list[str]) -> None:
-    root = Path(d.root)
-    for key in ("train_file", "eval_file"):
-        p = root / d[key]
+    from src.data import split_paths
+
+    paths = split_paths(d)
+    for key, split in (("train_file", "train"), ("eval_file", "eval")):
+        p = paths[split]
         if not p.is_file():
             errors.append(f"data.{key}: {p} does not exist; set data.root=<folder> (or the environment "
                           f"variable PARETUNE_DATA_DIR) and data.{key}=<file name>")

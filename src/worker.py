@@ -55,17 +55,21 @@ class Trial:
         trial_info["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
         environment = trial_info.pop("environment", {})
         environment["packages"] = _versions()
+        metrics, baseline, gains = self.metrics, self.baseline, self.gains
         objectives = {}
-        metrics = self.metrics
-        if status != "completed":  # keep what was measured before the failure, never a non-number
-            metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
-        else:
-            objectives = {o["name"]: self.metrics[o["name"]] for o in plain["objectives"]}
+        if status == "completed":
+            objectives = {o["name"]: metrics[o["name"]] for o in plain["objectives"]}
+        else:  # keep what was measured before the failure, never a non-number
+            metrics, baseline, gains = (_finite(d) for d in (metrics, baseline, gains))
         return TrialResult(
-            status=status, trial=trial_info, config=plain, metrics=metrics, baseline=self.baseline,
-            gains=self.gains, objectives=objectives, error=error, timings=self.timings,
+            status=status, trial=trial_info, config=plain, metrics=metrics, baseline=baseline,
+            gains=gains, objectives=objectives, error=error, timings=self.timings,
             cost_info=self.cost_info, data=self.data, cpu=self.cpu, environment=environment,
             artifacts=self.artifacts, seed=plain["train"]["seed"])
+
+
+def _finite(values: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in values.items() if math.isfinite(v)}
 
 
 def _versions() -> dict[str, str]:

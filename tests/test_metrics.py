@@ -183,3 +183,15 @@ def test_metric_names_are_namespaced():
     for name in M.ALL:
         assert name.split("/")[0] in {"train", "eval", "cost"}
     assert M.baseline_name("eval/rougeL") == "baseline/rougeL" and M.gain_name("eval/loss") == "gain/loss"
+
+
+def test_a_failed_record_keeps_only_finite_measurements(tmp_path):
+    from src.worker import Trial
+
+    cfg = OmegaConf.create({"train": {"seed": 3}, "objectives": [{"name": "eval/rougeL"}],
+                            "trial": {"id": "t", "environment": {"git_commit": None}}})
+    t = Trial(cfg, tmp_path, metrics={"train/loss": math.nan, "cost/train_s": 5.0},
+              baseline={"baseline/loss": math.inf}, gains={"gain/loss": math.nan})
+    r = t.record("failed", {"type": "FloatingPointError", "message": "diverged"})
+    assert (r.metrics, r.baseline, r.gains, r.objectives) == ({"cost/train_s": 5.0}, {}, {}, {})
+    assert r.trial["id"] == "t" and r.seed == 3 and "packages" in r.environment
