@@ -200,6 +200,14 @@ class Objective:
 @dataclass
 class PathsConfig:
     cache_dir: str = MISSING
+    study_storage: str = MISSING
+
+
+@dataclass
+class StudyConfig:
+    name: str | None = MISSING
+    trial: int | None = MISSING
+    params: list[str] = MISSING
 
 
 @dataclass
@@ -217,6 +225,8 @@ class TrialConfig:
     cost: CostConfig = MISSING
     objectives: list[Objective] = MISSING
     paths: PathsConfig = MISSING
+    # Set by the sweepers on each job: which Optuna study and trial it is, which keys were searched.
+    study: StudyConfig = MISSING
     # Filled by src.train for the worker, never by the user.
     trial: dict[str, Any] = field(default_factory=dict)
 
@@ -229,6 +239,9 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="paretune_schema", node=TrialConfig)
     if not OmegaConf.has_resolver("paretune_root"):
         OmegaConf.register_new_resolver("paretune_root", lambda: str(PROJECT_ROOT))
+    if not OmegaConf.has_resolver("paretune_first"):
+        # The first value that is set: e.g. a trial dir named by the Optuna trial, else Hydra's job number.
+        OmegaConf.register_new_resolver("paretune_first", lambda *v: next((x for x in v if x is not None), None))
 
 
 # ---- cross-field rules ---------------------------------------------------------------------------

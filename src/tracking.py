@@ -44,7 +44,7 @@ def append_local(result: TrialResult, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _wandb_dirs(trial_dir: Path) -> Iterator[None]:
+def wandb_dirs(trial_dir: Path) -> Iterator[None]:
     """Point every W&B directory into the trial dir (otherwise it also writes under $HOME)."""
     saved = {k: os.environ.get(k) for k in _WANDB_DIR_VARS}
     for k in _WANDB_DIR_VARS:
@@ -69,9 +69,12 @@ def _train_rows(trial_dir: Path, result: TrialResult) -> list[dict[str, float]]:
 def log_wandb(result: TrialResult, trial_dir: Path, lcfg: Any) -> None:
     import wandb
 
-    group = lcfg.group or result.trial.get("group")
+    study = result.trial.get("study") or {}
+    group = lcfg.group or study.get("name") or result.trial.get("group")
     config = {**result.config, "trial": {k: result.trial.get(k) for k in ("id", "overrides", "job_num")}}
-    with _wandb_dirs(trial_dir):
+    if study.get("name"):
+        config["study"] = study  # name, Optuna trial number and the searched params
+    with wandb_dirs(trial_dir):
         settings = wandb.Settings(console="off", x_disable_stats=True, disable_git=True, save_code=False,
                                   silent=True)
         run = wandb.init(project=lcfg.project, entity=lcfg.entity, group=group, name=result.trial.get("id"),

@@ -17,6 +17,7 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -100,7 +101,17 @@ def _announce(result: TrialResult, trial_dir: Path) -> None:
                   (result.error or {}).get("message"), trial_dir / results.RESULT_FILE)
 
 
-def trial_identity() -> tuple[Path, dict[str, Any]]:
+def _study_info(cfg: DictConfig, overrides: list[str]) -> dict[str, Any] | None:
+    """The Optuna study and trial a sweeper assigned to this job, with the values of its searched keys."""
+    if cfg.study.name is None:
+        return None
+    values = {o.get_key_element(): o.value() for o in OverridesParser.create().parse_overrides(overrides)
+              if not o.is_sweep_override()}
+    return {"name": cfg.study.name, "trial": cfg.study.trial,
+            "params": {k: values.get(k) for k in cfg.study.params}}
+
+
+def trial_identity(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     """The trial's directory and name, from Hydra's job: one directory = one trial."""
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN:
@@ -108,8 +119,9 @@ def trial_identity() -> tuple[Path, dict[str, Any]]:
         ident = f"{group}-{hc.job.num}"
     else:
         group, ident = "single", "_".join(Path(hc.run.dir).parts[-2:])
+    overrides = [o for o in hc.overrides.task if not o.startswith("study.")]
     info = {"id": ident, "group": group, "job_num": hc.job.num if hc.mode == RunMode.MULTIRUN else None,
-            "overrides": list(hc.overrides.task)}
+            "overrides": overrides, "study": _study_info(cfg, list(hc.overrides.task))}
     return Path(hc.runtime.output_dir), info
 
 
@@ -119,11 +131,13 @@ register_configs()
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> list[float] | None:
     """Run one trial; return its objectives in declared order, or None when it did not complete."""
-    trial_dir, info = trial_identity()
+    trial_dir, info = trial_identity(cfg)
     try:
         result = run_trial(cfg, trial_dir, info)
     except (ConfigError, data.DataError) as exc:
         log.error("%s", exc)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweeper records this job as failed, with the message
         sys.exit(2)
     if result.status != "completed":
         return None

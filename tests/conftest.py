@@ -83,6 +83,7 @@ def cfg_factory(data_root: Path, cache_dir: Path) -> Callable[..., DictConfig]:
 def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None,
             timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """Run `python -m src.train args...` as a user would, from ``cwd``."""
-    full_env = {**os.environ, **(env or {})}
+    # Each test's studies live in its own folder unless the test says otherwise.
+    full_env = {**os.environ, "PARETUNE_STUDY_STORAGE": str(cwd / "studies" / "paretune.journal"), **(env or {})}
     return subprocess.run([sys.executable, "-m", "src.train", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,252 @@
+"""What both of our sweepers share: one Optuna study per sweep, jobs run through Hydra's launcher.
+
+A sweeper here asks the study for trials (under a lock, so several processes never overshoot
+n_trials), launches each as a Hydra job whose directory is named after the Optuna trial number,
+reads the job's result.json and tells the study: values for a completed trial, FAIL with the reason
+for anything else. The study alone is then enough for analysis: each trial carries its result.json
+path, status, metrics and overrides as user attrs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+from src.sweeper import report
+from src.sweeper import study as S
+from src.sweeper.space import SearchSpace, build
+
+log = logging.getLogger("paretune.sweeper")
+
+# Result metrics copied into each trial's user attrs (the objectives are always included).
+_KEPT_METRICS = ("eval/loss", "eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/bertscore_f1", "train/loss",
+                 "train/tokens_per_s", "cost/train_s", "cost/eval_s", "cost/total_s", "cost/peak_rss_mb",
+                 "cost/usd", "cost/energy_wh", "cost/adapter_mb")
+
+
+class StudySweeper(Sweeper):
+    """Shared machinery; subclasses decide which parameters the next trials get."""
+
+    kind = "study"
+
+    def __init__(self, *, storage: str, study_name: str | None = None, direction: Any = None,
+                 n_jobs: int = 1, max_failure_rate: float = 0.0, params: dict[str, Any] | None = None,
+                 retry_stale: bool = False, lease_s: float = 120.0) -> None:
+        super().__init__()
+        self.storage_spec = str(storage)
+        self.study_name = study_name
+        self.direction = direction
+        self.n_jobs = int(n_jobs)
+        self.max_failure_rate = float(max_failure_rate)
+        self.params = dict(params or {})
+        self.retry_stale = bool(retry_stale)
+        self.lease_s = float(lease_s)
+        self.config: DictConfig | None = None
+        self.hydra_context: HydraContext | None = None
+        self.launcher: Any = None
+        self._job_idx = 0
+
+    # ---- Hydra's Sweeper interface ------------------------------------------------------------
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.hydra_context, self.config = hydra_context, config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: list[str]) -> Any:
+        assert self.config is not None and self.hydra_context is not None
+        if self.n_jobs < 1:
+            raise S.StudyError(f"hydra.sweeper.n_jobs: must be >= 1, got {self.n_jobs}")
+        if not 0.0 <= self.max_failure_rate <= 1.0:
+            raise S.StudyError(f"hydra.sweeper.max_failure_rate: must be in [0, 1], got {self.max_failure_rate}")
+        names, directions = self.objectives()
+        overrides_in = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
+        parsed = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(overrides_in)
+        space = build(parsed)
+        name = self.study_name or S.default_study_name(self.kind, sorted(overrides_in), names, directions)
+        self.check_jobs(self.jobs_to_check(space), space)
+
+        storage = S.open_storage(self.storage_spec)
+        study = optuna.create_study(storage=storage, study_name=name, directions=directions,
+                                    sampler=self.make_sampler(space), load_if_exists=True)
+        if [d.name.lower() for d in study.directions] != directions:
+            raise S.StudyError(f"study '{name}' exists with directions {[d.name.lower() for d in study.directions]},"
+                               f" but the objectives declare {directions}; set hydra.sweeper.study_name to a new name")
+        with warnings.catch_warnings():  # experimental in Optuna 5, and exactly what the dashboard shows
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(names)
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        self._save_sweep_config(sweep_dir, name)
+        log.info("study '%s' in %s (%d trials so far); sweep dir %s", name, S.mask_url(self.storage_spec),
+                 len(study.trials), sweep_dir)
+
+        leases = S.Leases(storage, self.lease_s)
+        outcome = _Outcome()
+        try:
+            self.run(study, space, leases, outcome)
+        finally:
+            leases.stop()
+        report.write_results(sweep_dir / report.RESULTS_FILE, study, names)
+        report.wandb_summary(study, names, sweep_dir, self.config.get("logger"))
+        outcome.check(self.max_failure_rate, final=True)
+        return outcome.returns
+
+    # ---- for subclasses -----------------------------------------------------------------------
+    def make_sampler(self, space: SearchSpace) -> optuna.samplers.BaseSampler | None:
+        return None
+
+    def jobs_to_check(self, space: SearchSpace) -> list[dict[str, Any]]:
+        return space.extremes()
+
+    def run(self, study: optuna.Study, space: SearchSpace, leases: S.Leases, outcome: _Outcome) -> None:
+        raise NotImplementedError
+
+    # ---- shared steps -------------------------------------------------------------------------
+    def objectives(self) -> tuple[list[str], list[Any]]:
+        """Names and directions declared once in the task config; ``direction`` may only agree."""
+        assert self.config is not None
+        declared = list(self.config.get("objectives") or [])
+        names = [str(o.name) for o in declared]
+        directions = [str(o.direction).lower().split(".")[-1] for o in declared]
+        if not names:
+            raise S.StudyError("objectives: declare at least one (name + direction) in conf/train.yaml")
+        if self.direction is not None:
+            given = [self.direction] if isinstance(self.direction, str) else list(self.direction)
+            given = [str(d).lower() for d in given]
+            if given != directions:
+                raise S.StudyError(f"hydra.sweeper.direction: {given} disagrees with the declared objectives "
+                                   f"{dict(zip(names, directions, strict=True))}; remove it or change `objectives`")
+        return names, directions
+
+    def check_jobs(self, jobs: list[dict[str, Any]], space: SearchSpace) -> None:
+        """Compose and validate every given parameter set before the first trial runs."""
+        from src.train import preflight  # the task's own checks: schema rules and data files
+
+        assert self.hydra_context is not None and self.config is not None
+        problems = []
+        for params in jobs:
+            overrides = space.overrides(params)
+            try:
+                cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+                preflight(cfg)
+            except Exception as exc:  # noqa: BLE001 - reported together, below
+                problems.append(f"[{' '.join(overrides) or 'defaults'}]\n    {exc}")
+        if problems:
+            unique = list(dict.fromkeys(problems))
+            raise S.StudyError(f"{len(unique)} parameter set(s) of this sweep are invalid; nothing was run:\n  "
+                               + "\n  ".join(unique))
+
+    def launch(self, study: optuna.Study, batch: Sequence[tuple[optuna.Trial, dict[str, Any]]],
+               space: SearchSpace, leases: S.Leases, outcome: _Outcome) -> None:
+        """Run one batch of asked trials as Hydra jobs and tell the study each outcome."""
+        assert self.config is not None
+        keys = list(space.distributions)
+        job_overrides = [space.overrides(params) + [f"study.name={study.study_name}", f"study.trial={t.number}",
+                                                    f"study.params=[{','.join(keys)}]"]
+                         for t, params in batch]
+        try:
+            returns = self.launcher.launch(job_overrides, initial_job_idx=self._job_idx)
+        except BaseException as exc:
+            why = "interrupted (SIGINT)" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+            for t, _ in batch:
+                S.fail_trial(study, t._trial_id, f"the sweep stopped: {why}", stale=True)  # noqa: SLF001
+                leases.release(t._trial_id)  # noqa: SLF001
+            raise
+        self._job_idx += len(batch)
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        for (trial, _), ret, ovr in zip(batch, returns, job_overrides, strict=True):
+            self._tell(study, trial, ret, ovr, sweep_dir, outcome)
+            leases.release(trial._trial_id)  # noqa: SLF001
+        outcome.returns.append(returns)
+        outcome.check(self.max_failure_rate)
+
+    def _tell(self, study: optuna.Study, trial: optuna.Trial, ret: JobReturn, overrides: list[str],
+              sweep_dir: Path, outcome: _Outcome) -> None:
+        names = study.metric_names or []
+        out_dir = Path(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg else sweep_dir / str(trial.number)
+        path = out_dir / "result.json"
+        trial.set_user_attr(S.RESULT_PATH, str(path.resolve()))
+        trial.set_user_attr(S.OVERRIDES, [o for o in overrides if not o.startswith("study.")])
+        values, reason = _read_outcome(ret, path, names)
+        try:
+            if values is not None:
+                record = json.loads(path.read_text())
+                kept = {k: v for k, v in record.get("metrics", {}).items() if k in _KEPT_METRICS or k in names}
+                trial.set_user_attr(S.METRICS, {**kept, **record.get("gains", {})})
+                trial.set_user_attr(S.STATUS, "completed")
+                study.tell(trial, values)
+                outcome.completed += 1
+            else:
+                trial.set_user_attr(S.STATUS, "failed")
+                trial.set_user_attr(S.ERROR, reason)
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                outcome.failed.append((trial.number, reason or ""))
+                log.error("trial %d failed: %s", trial.number, reason)
+        except (S.UpdateFinishedTrialError, ValueError, RuntimeError) as exc:
+            # Another process failed this trial as stale (our lease lapsed): its record stays on disk.
+            log.warning("trial %d could not be told to the study (%s); its record is %s", trial.number, exc, path)
+
+    def _save_sweep_config(self, sweep_dir: Path, study_name: str) -> None:
+        assert self.config is not None
+        cfg = OmegaConf.to_container(self.config, resolve=False)
+        assert isinstance(cfg, dict)
+        cfg["hydra"]["sweeper"]["storage"] = S.mask_url(self.storage_spec)
+        for i, o in enumerate(cfg["hydra"]["overrides"].get("hydra", [])):
+            if str(o).startswith("hydra.sweeper.storage="):
+                cfg["hydra"]["overrides"]["hydra"][i] = f"hydra.sweeper.storage={S.mask_url(self.storage_spec)}"
+        cfg["study_name"] = study_name
+        OmegaConf.save(OmegaConf.create(cfg), sweep_dir / "multirun.yaml")
+
+
+class _Outcome:
+    """What this process ran: returns for Hydra, and the failure rate the sweep must stay under."""
+
+    def __init__(self) -> None:
+        self.returns: list[Sequence[JobReturn]] = []
+        self.completed = 0
+        self.failed: list[tuple[int, str]] = []
+
+    def check(self, max_rate: float, final: bool = False) -> None:
+        done = self.completed + len(self.failed)
+        if not done or not self.failed:
+            return
+        rate = len(self.failed) / done
+        if rate > max_rate:
+            listed = "\n  ".join(f"trial {n}: {why}" for n, why in self.failed[-10:])
+            raise S.StudyError(f"{len(self.failed)} of {done} trials failed ({rate:.0%} > "
+                               f"hydra.sweeper.max_failure_rate={max_rate:.0%}); the sweep stops"
+                               f"{'' if final else ' here'}. Completed trials are kept in the study.\n  {listed}")
+
+
+def _read_outcome(ret: JobReturn, path: Path, names: list[str]) -> tuple[list[float] | None, str | None]:
+    """The objective values of a completed trial, or the reason it has none."""
+    if ret.status == JobStatus.FAILED:
+        exc = ret._return_value  # noqa: SLF001 - reading .return_value would re-raise it
+        return None, f"{type(exc).__name__}: {exc}".strip()
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return None, f"no readable {path.name} ({exc})"
+    if record.get("status") != "completed":
+        return None, (record.get("error") or {}).get("message") or f"status {record.get('status')}"
+    objectives = record.get("objectives", {})
+    missing = [n for n in names if n not in objectives]
+    if missing:
+        return None, f"result has no value for objective(s) {missing}"
+    values = [float(objectives[n]) for n in names]
+    if not all(math.isfinite(v) for v in values):
+        return None, f"non-finite objective values {values}"
+    return values, None

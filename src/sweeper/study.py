@@ -1,0 +1,277 @@
+"""The Optuna side of a sweep: storage, the study, an atomic "ask", leases on running trials.
+
+Optuna's own heartbeat (``heartbeat_interval`` on RDBStorage) only works for RDB storage and only
+inside ``study.optimize``; our sweepers drive trials with ask/tell and must work on a journal file
+too. So a running trial carries a lease in its user attrs (owner host + pid, ``lease_until``),
+renewed by a thread while the trial runs. Another sweeper, or the same command started again,
+fails a trial whose lease ran out, or whose owner process is gone from this host, and can retry its
+parameters once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import optuna
+from filelock import FileLock
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+log = logging.getLogger(__name__)
+
+# User attrs written on every trial; analysis reads them back from the study alone.
+RESULT_PATH = "result_path"
+STATUS = "status"
+ERROR = "error"
+METRICS = "metrics"
+OWNER = "owner"
+LEASE_UNTIL = "lease_until"
+STALE = "stale"            # the trial was failed because its worker was lost or interrupted
+RETRY_OF = "retry_of"      # this trial re-runs the parameters of that (stale) trial number
+OVERRIDES = "overrides"
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+class StudyError(RuntimeError):
+    """The sweep cannot go on (storage, search space or too many failed trials); the message says why."""
+
+
+def mask_url(url: str | None) -> str | None:
+    """A storage URL safe to print or write: the password replaced by ***."""
+    if not url or "://" not in url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def default_study_name(prefix: str, *parts: Any) -> str:
+    """A stable name from what defines the study, so the same command resumes the same study."""
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{prefix}-{digest}"
+
+
+def _is_url(storage: str) -> bool:
+    return "://" in storage
+
+
+def _create_rdb(url: str) -> optuna.storages.RDBStorage:
+    """RDBStorage whose schema is created by exactly one process, even when several start at once.
+
+    Two workers creating Optuna's tables at the same moment race on ``alembic_version``
+    (UniqueViolation). On PostgreSQL a session-level advisory lock serialises the creation; the
+    later workers then find the tables and skip it.
+    """
+    import sqlalchemy as sa
+
+    if not url.startswith("postgresql"):
+        return optuna.storages.RDBStorage(url)
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": _LOCK_KEY_SCHEMA})
+            try:
+                storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+            finally:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY_SCHEMA})
+    finally:
+        engine.dispose()
+    return storage
+
+
+_LOCK_KEY_SCHEMA = 0x70617265  # "pare": arbitrary constants naming our advisory locks
+_LOCK_KEY_ASK = 0x74756E65     # "tune"
+
+
+def open_storage(storage: str) -> optuna.storages.BaseStorage:
+    """A URL (postgresql://, sqlite:///) opens an RDB; anything else is a journal file path."""
+    if _is_url(storage):
+        scheme = storage.split("://", 1)[0]
+        if not scheme.startswith(("postgresql", "sqlite", "mysql")):
+            raise StudyError(f"hydra.sweeper.storage: unsupported scheme '{scheme}://'; use "
+                             "postgresql://user:pass@host/db, sqlite:///path.db, or a journal file path")
+        try:
+            return _create_rdb(storage)
+        except Exception as exc:  # noqa: BLE001 - driver errors vary; the user needs the URL and the cause
+            raise StudyError(f"hydra.sweeper.storage: cannot open {mask_url(storage)}: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    path = Path(storage).expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        backend = JournalFileBackend(str(path))
+    except OSError as exc:
+        raise StudyError(f"hydra.sweeper.storage: cannot use journal file {path}: {exc}") from exc
+    return optuna.storages.JournalStorage(backend)
+
+
+@contextlib.contextmanager
+def study_lock(storage: optuna.storages.BaseStorage, storage_spec: str, study_name: str) -> Iterator[None]:
+    """Serialise "count, then ask" across processes, so N workers never overshoot n_trials.
+
+    A file lock beside the journal; a PostgreSQL advisory lock (held on its own connection) for
+    RDB storage. SQLite and others get a file lock beside the database file.
+    """
+    if isinstance(storage, optuna.storages.RDBStorage) and storage_spec.startswith("postgresql"):
+        import sqlalchemy as sa
+
+        key = _LOCK_KEY_ASK ^ int(hashlib.sha256(study_name.encode()).hexdigest()[:7], 16)
+        with storage.engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+        return
+    target = storage_spec.split(":///", 1)[-1] if _is_url(storage_spec) else storage_spec
+    with FileLock(f"{Path(target).expanduser()}.{hashlib.sha256(study_name.encode()).hexdigest()[:8]}.lock"):
+        yield
+
+
+def owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_gone(owner: str | None) -> bool:
+    """True when the owner ran on this host and its process no longer exists."""
+    if not owner or ":" not in owner:
+        return False
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class Leases:
+    """Renews the lease of every trial this process runs, from a background thread."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, lease_s: float) -> None:
+        self.storage, self.lease_s = storage, lease_s
+        self._ids: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def take(self, trial_id: int) -> None:
+        self._renew(trial_id)
+        with self._lock:
+            self._ids.add(trial_id)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="paretune-lease", daemon=True)
+            self._thread.start()
+
+    def release(self, trial_id: int) -> None:
+        with self._lock:
+            self._ids.discard(trial_id)
+
+    def held(self) -> list[int]:
+        with self._lock:
+            return sorted(self._ids)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _renew(self, trial_id: int) -> None:
+        self.storage.set_trial_user_attr(trial_id, OWNER, owner_id())
+        self.storage.set_trial_user_attr(trial_id, LEASE_UNTIL, time.time() + self.lease_s)
+
+    def _loop(self) -> None:
+        # Renew at a third of the lease, so one slow write never lets a live trial look stale.
+        while not self._stop.wait(self.lease_s / 3):
+            for trial_id in self.held():
+                try:
+                    self._renew(trial_id)
+                except UpdateFinishedTrialError:
+                    self.release(trial_id)
+                except Exception as exc:  # noqa: BLE001 - a storage hiccup must not kill the sweep
+                    log.warning("could not renew the lease of trial id %s: %s", trial_id, exc)
+
+
+def fail_trial(study: optuna.Study, trial_id: int, reason: str, stale: bool = False) -> bool:
+    """Mark a RUNNING trial failed with its reason; False if another process finished it first."""
+    storage = study._storage  # noqa: SLF001 - ask/tell exposes no way to fail another process's trial
+    try:
+        storage.set_trial_user_attr(trial_id, ERROR, reason)
+        storage.set_trial_user_attr(trial_id, STATUS, "failed")
+        if stale:
+            storage.set_trial_user_attr(trial_id, STALE, True)
+        return storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    except UpdateFinishedTrialError:
+        return False
+
+
+def fail_stale(study: optuna.Study, now: float | None = None) -> list[FrozenTrial]:
+    """Fail every RUNNING trial whose lease expired or whose owner process is gone."""
+    now = time.time() if now is None else now
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        lease = t.user_attrs.get(LEASE_UNTIL)
+        owner = t.user_attrs.get(OWNER)
+        if owner == owner_id():
+            continue
+        if _owner_gone(owner):
+            why = f"its sweep process ({owner}) is gone"
+        elif lease is None or float(lease) < now:
+            why = f"its lease expired (owner {owner or 'unknown'})"
+        else:
+            continue
+        reason = f"stale: {why}; the worker was killed or lost"
+        if fail_trial(study, t._trial_id, reason, stale=True):  # noqa: SLF001
+            log.warning("trial %d: %s", t.number, reason)
+            failed.append(t)
+    return failed
+
+
+def retry_stale(study: optuna.Study) -> list[int]:
+    """Enqueue, once, the parameters of every stale trial not yet retried. Call under study_lock."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get(RETRY_OF) for t in trials}
+    queued = []
+    for t in trials:
+        if (t.state == TrialState.FAIL and t.user_attrs.get(STALE) and RETRY_OF not in t.user_attrs
+                and t.number not in retried):
+            study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number}, skip_if_exists=False)
+            queued.append(t.number)
+            log.info("trial %d: its parameters are queued for one retry", t.number)
+    return queued
+
+
+def counted(trials: Sequence[FrozenTrial]) -> int:
+    """Trials that count toward n_trials: finished or running; a retried stale failure is replaced by its retry."""
+    retried = {t.user_attrs.get(RETRY_OF) for t in trials if RETRY_OF in t.user_attrs}
+    return sum(1 for t in trials if t.state in (*FINISHED, TrialState.RUNNING)
+               and not (t.state == TrialState.FAIL and t.number in retried))
+
+
+def unique_pareto(study: optuna.Study) -> list[FrozenTrial]:
+    """Optuna's best_trials, without exact repeats (same params and same values)."""
+    seen, out = set(), []
+    for t in sorted(study.best_trials, key=lambda t: t.number):
+        key = json.dumps([t.params, t.values], sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
