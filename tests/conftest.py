@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from src.config import PROJECT_ROOT, register_configs
+from tests.system import Postgres, postgres
 
 CONF = PROJECT_ROOT / "conf"
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -87,3 +90,15 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None,
     full_env = {**os.environ, "PARETUNE_STUDY_STORAGE": str(cwd / "studies" / "paretune.journal"), **(env or {})}
     return subprocess.run([sys.executable, "-m", "src.train", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[Postgres]:
+    """One real PostgreSQL server on loopback for the whole session (each test uses its own study)."""
+    # Not under pytest's tmp dir: that is private to us, and the server runs as the postgres user.
+    root = Path(tempfile.mkdtemp(prefix="paretune-pg-"))
+    try:
+        with postgres(root) as server:
+            yield server
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -23,6 +23,7 @@ from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
+from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from src.sweeper import report
@@ -44,7 +45,7 @@ class StudySweeper(Sweeper):
 
     def __init__(self, *, storage: str, study_name: str | None = None, direction: Any = None,
                  n_jobs: int = 1, max_failure_rate: float = 0.0, params: dict[str, Any] | None = None,
-                 retry_stale: bool = False, lease_s: float = 120.0) -> None:
+                 retry_stale: bool = False, lease_s: float = 120.0, preflight: str | None = None) -> None:
         super().__init__()
         self.storage_spec = str(storage)
         self.study_name = study_name
@@ -54,6 +55,7 @@ class StudySweeper(Sweeper):
         self.params = dict(params or {})
         self.retry_stale = bool(retry_stale)
         self.lease_s = float(lease_s)
+        self.preflight = preflight
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.launcher: Any = None
@@ -133,15 +135,15 @@ class StudySweeper(Sweeper):
 
     def check_jobs(self, jobs: list[dict[str, Any]], space: SearchSpace) -> None:
         """Compose and validate every given parameter set before the first trial runs."""
-        from src.train import preflight  # the task's own checks: schema rules and data files
-
         assert self.hydra_context is not None and self.config is not None
+        check = get_method(self.preflight) if self.preflight else None
         problems = []
         for params in jobs:
             overrides = space.overrides(params)
             try:
                 cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-                preflight(cfg)
+                if check is not None:
+                    check(cfg)
             except Exception as exc:  # noqa: BLE001 - reported together, below
                 problems.append(f"[{' '.join(overrides) or 'defaults'}]\n    {exc}")
         if problems:
@@ -187,12 +189,12 @@ class StudySweeper(Sweeper):
                 kept = {k: v for k, v in record.get("metrics", {}).items() if k in _KEPT_METRICS or k in names}
                 trial.set_user_attr(S.METRICS, {**kept, **record.get("gains", {})})
                 trial.set_user_attr(S.STATUS, "completed")
-                study.tell(trial, values)
+                tell(study, trial, values)
                 outcome.completed += 1
             else:
                 trial.set_user_attr(S.STATUS, "failed")
                 trial.set_user_attr(S.ERROR, reason)
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                tell(study, trial, state=optuna.trial.TrialState.FAIL)
                 outcome.failed.append((trial.number, reason or ""))
                 log.error("trial %d failed: %s", trial.number, reason)
         except (S.UpdateFinishedTrialError, ValueError, RuntimeError) as exc:
@@ -209,6 +211,18 @@ class StudySweeper(Sweeper):
                 cfg["hydra"]["overrides"]["hydra"][i] = f"hydra.sweeper.storage={S.mask_url(self.storage_spec)}"
         cfg["study_name"] = study_name
         OmegaConf.save(OmegaConf.create(cfg), sweep_dir / "multirun.yaml")
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, values: list[float] | None = None,
+         state: optuna.trial.TrialState | None = None) -> None:
+    """study.tell, minus one quirk: exhaustive samplers (grid, brute force) call ``study.stop()`` once
+    every point is taken, which raises outside ``study.optimize``. The trial is stored before that
+    (Optuna stores it in a ``finally``), and our loops stop on their own count, so it is dropped here."""
+    try:
+        study.tell(trial, values, state=state)
+    except RuntimeError as exc:
+        if "Study.stop" not in str(exc):
+            raise
 
 
 class _Outcome:
