@@ -68,8 +68,8 @@ class Postgres:
         self.psql("CREATE USER paretune PASSWORD 's3cret-canary'")
         self.psql("CREATE DATABASE optuna OWNER paretune")  # not in a transaction: its own call
 
-    def psql(self, sql: str) -> str:
-        return self._run(str(self.bin / "psql"), "-h", str(self.sock), "-p", str(self.port), "-U", "postgres",
+    def psql(self, sql: str, db: str = "postgres") -> str:
+        return self._run(str(self.bin / "psql"), "-h", str(self.sock), "-p", str(self.port), "-U", "postgres", "-d", db,
                          "-v", "ON_ERROR_STOP=1", "-Atc", sql).stdout
 
     def restart(self) -> None:

@@ -100,10 +100,13 @@ class StudySweeper(Sweeper):
         try:
             self.run(study, space, leases, outcome)
         finally:
+            # Also when the sweep stops early: what the study holds so far is summarised.
             leases.stop()
-        report.write_results(sweep_dir / report.RESULTS_FILE, study, names)
+            try:
+                report.write_results(sweep_dir / report.RESULTS_FILE, study, names)
+            except Exception as exc:  # noqa: BLE001 - must not hide the error that stopped the sweep
+                log.warning("could not write %s: %s", report.RESULTS_FILE, exc)
         report.wandb_summary(study, names, sweep_dir, self.config.get("logger"))
-        outcome.check(self.max_failure_rate, final=True)
         return outcome.returns
 
     # ---- for subclasses -----------------------------------------------------------------------

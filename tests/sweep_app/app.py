@@ -19,6 +19,12 @@ from src.results import TrialResult, write
 register_configs()
 
 
+def check(cfg: DictConfig) -> None:
+    """The sweepers' preflight for this task: what a schema would reject."""
+    if not isinstance(cfg.y, int) or not isinstance(cfg.x, int | float):
+        raise ValueError(f"x must be a number and y an integer, got x={cfg.x!r} y={cfg.y!r}")
+
+
 @hydra.main(config_path=".", config_name="app", version_base="1.3")
 def main(cfg: DictConfig) -> list[float] | None:
     out = Path(HydraConfig.get().runtime.output_dir)
