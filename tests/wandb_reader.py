@@ -78,3 +78,8 @@ def config(recs: list[pb.Record]) -> dict[str, str]:
         for i in items:
             out["/".join(i.nested_key) or i.key] = i.value_json
     return out
+
+
+def run_info(recs: list[pb.Record]) -> pb.RunRecord:
+    """The run's own record: name, group, job type."""
+    return next(r.run for r in recs if r.WhichOneof("record_type") == "run")

@@ -62,7 +62,10 @@ def _rows(study: optuna.Study, names: list[str]) -> tuple[list[str | int], list[
 
 def wandb_summary(study: optuna.Study, names: list[str], sweep_dir: Path, logger: Any) -> None:
     """One run (job_type "study") with the trials table and the front's scatter; never fails the sweep."""
-    if logger is None or str(logger.get("backend")) != "wandb" or str(logger.get("mode")) == "disabled":
+    if logger is None:
+        return
+    logger = OmegaConf.create(OmegaConf.to_container(logger, resolve=True, enum_to_str=True))
+    if logger.backend != "wandb" or logger.mode == "disabled":
         return
     from src.tracking import wandb_dirs
 
