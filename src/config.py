@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from src import metrics as M
+from src.redact import mask_url
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -390,4 +391,6 @@ def to_plain(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain JSON-able data (enums as their names)."""
     out = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     assert isinstance(out, dict)
+    if isinstance(out.get("paths"), dict):  # a postgresql:// storage URL may carry a password
+        out["paths"]["study_storage"] = mask_url(out["paths"].get("study_storage"))
     return out  # type: ignore[return-value]

@@ -11,7 +11,10 @@ from omegaconf.errors import ValidationError
 from src.config import ConfigError, validate
 from tests.conftest import CONF
 
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "experiment")
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("experiment", "hydra"))
+# Hydra's own groups we add options to: sweepers and their samplers (run for real in test_study.py
+# and test_sweeper.py; here each is composed and its class found).
+HYDRA_OPTIONS = sorted(p.relative_to(CONF).with_suffix("").as_posix() for p in (CONF / "hydra").rglob("*.yaml"))
 
 
 def _options(group: str) -> list[str]:
@@ -40,8 +43,22 @@ def test_every_experiment_composes_and_validates(cfg_factory, experiment):
 def test_every_yaml_file_is_covered():
     on_disk = {p.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml")}
     covered = {"train.yaml"} | {f"{g}/{o}.yaml" for g in GROUPS for o in _options(g)} | {
-        f"experiment/{p.stem}.yaml" for p in (CONF / "experiment").glob("*.yaml")}
+        f"experiment/{p.stem}.yaml" for p in (CONF / "experiment").glob("*.yaml")} | {
+        f"{o}.yaml" for o in HYDRA_OPTIONS}
     assert on_disk == covered
+
+
+@pytest.mark.parametrize("option", HYDRA_OPTIONS)
+def test_every_sweeper_and_sampler_option_composes_to_a_real_class(option):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import get_class
+
+    group, name = option.rsplit("/", 1)
+    overrides = ["hydra/sweeper=optuna"] if group.endswith("sampler") else []
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, f"{group}={name}"], return_hydra_config=True)
+    node = cfg.hydra.sweeper.sampler if group.endswith("sampler") else cfg.hydra.sweeper
+    assert get_class(node._target_)
 
 
 def test_default_is_smollm2_on_mts_dialog(cfg_factory):

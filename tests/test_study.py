@@ -117,7 +117,7 @@ def test_failures_are_recorded_and_the_failure_limit_stops_the_sweep(tmp_path):
                  "hydra.sweeper.study_name=f2", "hydra.sweeper.max_failure_rate=0.25",
                  "hydra.sweeper.max_batch_size=1", sweep_dir="stop")
     assert stop.returncode != 0
-    assert "1 of 1 trials failed" in stop.stderr and "max_failure_rate=25%" in stop.stderr
+    assert "1 of the 3 trials this run planned failed" in stop.stderr and "max_failure_rate=25%" in stop.stderr
     assert "x=0.9 is above 0.5" in stop.stderr
     assert len(load(storage, "f2").trials) == 1  # stopped before the rest
     assert (tmp_path / "stop" / report.RESULTS_FILE).is_file()  # written even when the sweep stops

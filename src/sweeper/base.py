@@ -162,31 +162,41 @@ class StudySweeper(Sweeper):
         job_overrides = [space.overrides(params) + [f"study.name={study.study_name}", f"study.trial={t.number}",
                                                     f"study.params=[{','.join(keys)}]"]
                          for t, params in batch]
+        sweep_dir = Path(self.config.hydra.sweep.dir)
         try:
             returns = self.launcher.launch(job_overrides, initial_job_idx=self._job_idx)
         except BaseException as exc:
+            # Ctrl-C or a launcher crash: a job that finished keeps its result, the others fail as
+            # stale, so `retry_stale` can run them again.
             why = "interrupted (SIGINT)" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
-            for t, _ in batch:
-                S.fail_trial(study, t._trial_id, f"the sweep stopped: {why}", stale=True)  # noqa: SLF001
+            for (t, _), ovr in zip(batch, job_overrides, strict=True):
+                path = sweep_dir / str(t.number) / "result.json"
+                if _record_values(path, study.metric_names or [])[0] is not None:
+                    self._tell(study, t, path, None, ovr, outcome)
+                else:
+                    S.fail_trial(study, t._trial_id, f"the sweep stopped: {why}", stale=True)  # noqa: SLF001
                 leases.release(t._trial_id)  # noqa: SLF001
             raise
         self._job_idx += len(batch)
-        sweep_dir = Path(self.config.hydra.sweep.dir)
         for (trial, _), ret, ovr in zip(batch, returns, job_overrides, strict=True):
-            self._tell(study, trial, ret, ovr, sweep_dir, outcome)
+            out_dir = Path(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg else sweep_dir / str(trial.number)
+            failure = None
+            if ret.status == JobStatus.FAILED:
+                error = ret._return_value  # noqa: SLF001 - reading .return_value would re-raise it
+                failure = f"{type(error).__name__}: {error}".strip()
+            self._tell(study, trial, out_dir / "result.json", failure, ovr, outcome)
             leases.release(trial._trial_id)  # noqa: SLF001
         outcome.returns.append(returns)
         outcome.check(self.max_failure_rate)
 
-    def _tell(self, study: optuna.Study, trial: optuna.Trial, ret: JobReturn, overrides: list[str],
-              sweep_dir: Path, outcome: _Outcome) -> None:
+    def _tell(self, study: optuna.Study, trial: optuna.Trial, path: Path, failure: str | None,
+              overrides: list[str], outcome: _Outcome) -> None:
+        """Tell the study what the trial's result.json says (or why there is none)."""
         names = study.metric_names or []
-        out_dir = Path(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg else sweep_dir / str(trial.number)
-        path = out_dir / "result.json"
-        trial.set_user_attr(S.RESULT_PATH, str(path.resolve()))
-        trial.set_user_attr(S.OVERRIDES, [o for o in overrides if not o.startswith("study.")])
-        values, reason = _read_outcome(ret, path, names)
+        values, reason = (None, failure) if failure else _record_values(path, names)
         try:
+            trial.set_user_attr(S.RESULT_PATH, str(path.resolve()))
+            trial.set_user_attr(S.OVERRIDES, [o for o in overrides if not o.startswith("study.")])
             if values is not None:
                 record = json.loads(path.read_text())
                 kept = {k: v for k, v in record.get("metrics", {}).items() if k in _KEPT_METRICS or k in names}
@@ -229,30 +239,32 @@ def tell(study: optuna.Study, trial: optuna.Trial, values: list[float] | None = 
 
 
 class _Outcome:
-    """What this process ran: returns for Hydra, and the failure rate the sweep must stay under."""
+    """What this process ran: returns for Hydra, and the failures the sweep may still afford.
+
+    The limit applies to the trials this run plans (``planned``): the sweep stops as soon as more
+    than ``max_failure_rate`` of them have failed, i.e. once the rate over the whole run is sure to
+    pass it. A first failure therefore does not end a 20-trial search at a 50 % limit, and a 0 %
+    limit stops at the first failure.
+    """
 
     def __init__(self) -> None:
         self.returns: list[Sequence[JobReturn]] = []
         self.completed = 0
         self.failed: list[tuple[int, str]] = []
+        self.planned = 0
 
-    def check(self, max_rate: float, final: bool = False) -> None:
-        done = self.completed + len(self.failed)
-        if not done or not self.failed:
+    def check(self, max_rate: float) -> None:
+        if not self.failed or len(self.failed) <= max_rate * max(self.planned, 1):
             return
-        rate = len(self.failed) / done
-        if rate > max_rate:
-            listed = "\n  ".join(f"trial {n}: {why}" for n, why in self.failed[-10:])
-            raise S.StudyError(f"{len(self.failed)} of {done} trials failed ({rate:.0%} > "
-                               f"hydra.sweeper.max_failure_rate={max_rate:.0%}); the sweep stops"
-                               f"{'' if final else ' here'}. Completed trials are kept in the study.\n  {listed}")
+        done = self.completed + len(self.failed)
+        listed = "\n  ".join(f"trial {n}: {why}" for n, why in self.failed[-10:])
+        raise S.StudyError(f"{len(self.failed)} of the {self.planned} trials this run planned failed (after {done}), "
+                           f"more than hydra.sweeper.max_failure_rate={max_rate:.0%} of them; the sweep stops. "
+                           f"Completed trials are kept in the study; start the same command to resume.\n  {listed}")
 
 
-def _read_outcome(ret: JobReturn, path: Path, names: list[str]) -> tuple[list[float] | None, str | None]:
-    """The objective values of a completed trial, or the reason it has none."""
-    if ret.status == JobStatus.FAILED:
-        exc = ret._return_value  # noqa: SLF001 - reading .return_value would re-raise it
-        return None, f"{type(exc).__name__}: {exc}".strip()
+def _record_values(path: Path, names: list[str]) -> tuple[list[float] | None, str | None]:
+    """The objective values of a completed trial's record, or the reason it has none."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError) as exc:

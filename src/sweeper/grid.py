@@ -60,6 +60,7 @@ class GridSweeper(StudySweeper):
                 log.info("%d of %d grid cells are already completed in study '%s' and are skipped",
                          len(todo) - len(kept), len(todo), study.study_name)
             todo = kept
+        outcome.planned = len(todo)
         size = self.max_batch_size or max(len(todo), 1)
         for start in range(0, len(todo), size):
             batch = []

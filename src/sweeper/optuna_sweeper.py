@@ -64,6 +64,7 @@ class OptunaSweeper(StudySweeper):
 
     def run(self, study: optuna.Study, space: SearchSpace, leases: S.Leases, outcome: _Outcome) -> None:
         limit = self._limit(space)
+        outcome.planned = max(0, limit - S.counted(study.get_trials(deepcopy=False)))
         while True:
             batch = []
             with S.study_lock(study._storage, self.storage_spec, study.study_name):  # noqa: SLF001

@@ -28,10 +28,13 @@ Choice = None | bool | int | float | str
 class SearchSpace:
     distributions: dict[str, BaseDistribution] = field(default_factory=dict)
     fixed: list[str] = field(default_factory=list)   # overrides every trial gets, as typed
+    # Choices Optuna cannot store (lists, dicts) are searched as their override text, passed verbatim.
+    verbatim: dict[str, set[str]] = field(default_factory=dict)
 
     def overrides(self, params: dict[str, Any]) -> list[str]:
         """The command-line overrides of one trial: the fixed ones, then its sampled values."""
-        return [*self.fixed, *(f"{k}={format_value(v)}" for k, v in params.items())]
+        return [*self.fixed, *(f"{k}={v if v in self.verbatim.get(k, ()) else format_value(v)}"
+                               for k, v in params.items())]
 
     def grid(self) -> dict[str, list[Choice]]:
         """The space as a grid (for GridSampler); only finite dimensions have one."""
@@ -80,11 +83,19 @@ def format_value(value: Any) -> str:
 def _categorical(name: str, values: list[Any]) -> CategoricalDistribution:
     if not values:
         raise StudyError(f"hydra.sweeper.params.{name}: the choice is empty; give at least one value")
-    bad = [v for v in values if not isinstance(v, None | bool | int | float | str)]
-    if bad:
-        raise StudyError(f"hydra.sweeper.params.{name}: {bad[0]!r} cannot be a search value; "
-                         "use numbers, strings or config group option names")
     return CategoricalDistribution(values)
+
+
+def _choice(space: SearchSpace, key: str, o: Override, sweep: ChoiceSweep) -> CategoricalDistribution:
+    texts = list(o.sweep_string_iterator())
+    values = []
+    for value, text in zip(sweep.list, texts, strict=True):
+        if isinstance(value, None | bool | int | float | str):
+            values.append(value)
+        else:  # e.g. lora.target_modules=[q_proj],[q_proj,v_proj]
+            space.verbatim.setdefault(key, set()).add(text)
+            values.append(text)
+    return _categorical(key, values)
 
 
 def _range(name: str, sweep: RangeSweep) -> BaseDistribution:
@@ -126,7 +137,7 @@ def build(overrides: list[Override]) -> SearchSpace:
             continue
         value = o.value()
         if isinstance(value, ChoiceSweep):
-            dists[key] = _categorical(key, list(value.list))
+            dists[key] = _choice(space, key, o, value)
         elif isinstance(value, RangeSweep):
             dists[key] = _range(key, value)
         elif isinstance(value, IntervalSweep):

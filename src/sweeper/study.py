@@ -21,13 +21,14 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import optuna
 from filelock import FileLock
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
+
+from src.redact import mask_url
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +48,6 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 class StudyError(RuntimeError):
     """The sweep cannot go on (storage, search space or too many failed trials); the message says why."""
-
-
-def mask_url(url: str | None) -> str | None:
-    """A storage URL safe to print or write: the password replaced by ***."""
-    if not url or "://" not in url:
-        return url
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def default_study_name(prefix: str, *parts: Any) -> str:
