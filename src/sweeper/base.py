@@ -32,12 +32,6 @@ from src.sweeper.space import SearchSpace, build
 
 log = logging.getLogger("paretune.sweeper")
 
-# Result metrics copied into each trial's user attrs (the objectives are always included).
-_KEPT_METRICS = ("eval/loss", "eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/bertscore_f1", "train/loss",
-                 "train/tokens_per_s", "cost/train_s", "cost/eval_s", "cost/total_s", "cost/peak_rss_mb",
-                 "cost/usd", "cost/energy_wh", "cost/adapter_mb")
-
-
 class StudySweeper(Sweeper):
     """Shared machinery; subclasses decide which parameters the next trials get."""
 
@@ -199,8 +193,8 @@ class StudySweeper(Sweeper):
             trial.set_user_attr(S.OVERRIDES, [o for o in overrides if not o.startswith("study.")])
             if values is not None:
                 record = json.loads(path.read_text())
-                kept = {k: v for k, v in record.get("metrics", {}).items() if k in _KEPT_METRICS or k in names}
-                trial.set_user_attr(S.METRICS, {**kept, **record.get("gains", {})})
+                # all of them: a few dozen numbers, and analysis then needs nothing but the study
+                trial.set_user_attr(S.METRICS, {**record.get("metrics", {}), **record.get("gains", {})})
                 trial.set_user_attr(S.STATUS, "completed")
                 tell(study, trial, values)
                 outcome.completed += 1
