@@ -163,11 +163,14 @@ def test_two_workers_share_a_postgresql_study(tmp_path, pg):
     assert study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
 
 
-def _wait_running(storage: str, name: str, timeout_s: float = 60) -> None:
+def _wait_running(storage: str, name: str, job_dir: Path, timeout_s: float = 60) -> None:
+    """Until a trial is running with its parameters and its job has started: mid-trial, not mid-ask."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if any(t.state == TrialState.RUNNING for t in load(storage, name).trials):
+            running = [t for t in load(storage, name).trials if t.state == TrialState.RUNNING and t.params]
+            if running and (job_dir / ".hydra").is_dir():
+                time.sleep(0.5)
                 return
         except KeyError:
             pass
@@ -180,7 +183,7 @@ def test_a_killed_sweep_resumes_and_retries_its_lost_trial_once(tmp_path, sig):
     storage = str(tmp_path / "studies.journal")
     args = ["x=choice(0.2,0.4)", "hydra.sweeper.n_trials=3", "hydra.sweeper.study_name=k", "sleep_s=60"]
     proc = sweep(tmp_path, storage, *args, wait=False)
-    _wait_running(storage, "k")
+    _wait_running(storage, "k", tmp_path / "multirun" / "0")
     proc.send_signal(sig)
     proc.communicate(timeout=60)
     (lost,) = load(storage, "k").trials

@@ -233,3 +233,10 @@ def test_the_trial_config_never_carries_a_storage_password(cfg_factory):
     plain = to_plain(cfg)
     assert plain["paths"]["study_storage"] == "postgresql://u:***@db:5432/optuna"
     assert "s3cret" not in str(plain)
+
+
+def test_a_trial_lost_before_its_parameters_is_not_retried_and_not_counted(tmp_path):
+    study, _ = _journal_study(tmp_path)
+    empty = study.ask()  # killed between ask and its parameters
+    S.fail_trial(study, empty._trial_id, "lost", stale=True)
+    assert S.retry_stale(study) == [] and S.counted(study.trials) == 0

@@ -38,6 +38,11 @@ def test_each_ready_study_composes_and_every_extreme_passes_preflight(name, cfg_
         preflight(cfg)
 
 
+def test_the_ready_studies_and_wandb_sweep_files_exist():
+    assert {"smoke", "rank_lr", "rank_quant_threads"} <= set(STUDIES)
+    assert len(WANDB_SWEEPS) >= 2
+
+
 def _expand(sweep: dict, params: dict) -> list[str]:
     """What W&B's agent runs: ${env} dropped, ${args_no_hyphens} -> key=value for each parameter."""
     out = []

@@ -241,8 +241,8 @@ def retry_stale(study: optuna.Study) -> list[int]:
     retried = {t.user_attrs.get(RETRY_OF) for t in trials}
     queued = []
     for t in trials:
-        if (t.state == TrialState.FAIL and t.user_attrs.get(STALE) and RETRY_OF not in t.user_attrs
-                and t.number not in retried):
+        if (t.state == TrialState.FAIL and t.user_attrs.get(STALE) and t.params
+                and RETRY_OF not in t.user_attrs and t.number not in retried):
             study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number}, skip_if_exists=False)
             queued.append(t.number)
             log.info("trial %d: its parameters are queued for one retry", t.number)
@@ -250,10 +250,12 @@ def retry_stale(study: optuna.Study) -> list[int]:
 
 
 def counted(trials: Sequence[FrozenTrial]) -> int:
-    """Trials that count toward n_trials: finished or running; a retried stale failure is replaced by its retry."""
+    """Trials that count toward n_trials: finished or running. A retried stale failure is replaced by
+    its retry, and a stale trial lost before it had parameters (killed mid-ask) never ran at all."""
     retried = {t.user_attrs.get(RETRY_OF) for t in trials if RETRY_OF in t.user_attrs}
     return sum(1 for t in trials if t.state in (*FINISHED, TrialState.RUNNING)
-               and not (t.state == TrialState.FAIL and t.number in retried))
+               and not (t.state == TrialState.FAIL and (t.number in retried or (t.user_attrs.get(STALE)
+                                                                               and not t.params))))
 
 
 def unique_pareto(study: optuna.Study) -> list[FrozenTrial]:
