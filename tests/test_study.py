@@ -31,7 +31,10 @@ def sweep(cwd: Path, storage: str, *args: str, sweep_dir: str = "multirun", wait
            f"hydra.sweep.dir={sweep_dir}", *args]
     env = {**os.environ, "PARETUNE_STUDY_STORAGE": storage, "PYTHONPATH": str(PROJECT_ROOT)}
     if not wait:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # A shell without job control (CI running us in the background) starts children with SIGINT
+        # ignored, and Python then never turns SIGINT into KeyboardInterrupt: restore the default.
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
