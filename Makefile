@@ -5,8 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-# Debian packages the tests start for real: PostgreSQL (a study shared by several workers).
-SYSTEM_PKGS := postgresql
+# Debian packages used for real: PostgreSQL (a study shared by several workers; started by the
+# tests), tcmalloc and jemalloc (cpu.allocator, preloaded into the worker).
+SYSTEM_PKGS := postgresql libgoogle-perftools4 libjemalloc2
 
 .PHONY: setup system-deps sweep test lint clean-cache
 

@@ -18,6 +18,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from src import cpu
 from src import metrics as M
 from src.redact import mask_url
 
@@ -56,6 +57,21 @@ class QuantMethod(Enum):
 
 class Allocator(Enum):
     system = "system"
+    tcmalloc = "tcmalloc"
+    jemalloc = "jemalloc"
+
+
+class Isa(Enum):
+    avx2 = "avx2"
+    avx512_core = "avx512_core"
+    avx512_core_vnni = "avx512_core_vnni"
+    avx512_core_bf16 = "avx512_core_bf16"
+    avx512_core_amx = "avx512_core_amx"
+
+
+class Dtype(Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 
 class LoggerBackend(Enum):
@@ -140,7 +156,14 @@ class QuantConfig:
 class CpuConfig:
     threads: int | None = MISSING
     interop_threads: int = MISSING
+    cores: Any = MISSING                 # None, "0-3", "0,2", or a list of core ids
     allocator: Allocator = MISSING
+    omp_proc_bind: str | None = MISSING
+    omp_places: str | None = MISSING
+    kmp_affinity: str | None = MISSING
+    isa: Isa | None = MISSING
+    dtype: Dtype = MISSING
+    force: bool = MISSING
 
 
 @dataclass
@@ -359,6 +382,19 @@ def _check_objectives(cfg: DictConfig, errors: list[str]) -> None:
                           "add its metric family to eval.metrics")
 
 
+_OMP_BIND = ("true", "false", "close", "spread", "master", "primary")
+_OMP_PLACES = ("cores", "threads", "sockets", "ll_caches", "numa_domains")
+
+
+def _check_omp(c: DictConfig, errors: list[str]) -> None:
+    if c.omp_proc_bind is not None and str(c.omp_proc_bind).lower() not in _OMP_BIND:
+        errors.append(f"cpu.omp_proc_bind: '{c.omp_proc_bind}' is not an OpenMP binding; "
+                      f"use one of {_OMP_BIND} or null")
+    if c.omp_places is not None and not (str(c.omp_places) in _OMP_PLACES or str(c.omp_places).startswith("{")):
+        errors.append(f"cpu.omp_places: '{c.omp_places}' is not an OpenMP place list; use one of {_OMP_PLACES}, "
+                      "an explicit {0},{1} list, or null")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check every rule the types cannot; raise one ConfigError listing all problems."""
     errors: list[str] = []
@@ -369,6 +405,8 @@ def validate(cfg: DictConfig) -> None:
         errors.append(f"quant.bits: {cfg.quant.bits} needs a quantization backend; quant=none trains at 32")
     _range(errors, "cpu.threads", cfg.cpu.threads, 1, 4096, allow_none=True)
     _range(errors, "cpu.interop_threads", cfg.cpu.interop_threads, 1, 4096)
+    _check_omp(cfg.cpu, errors)
+    cpu.check(cfg.cpu, errors)
     _check_train(cfg.train, errors)
     e = cfg.eval
     _range(errors, "eval.num_examples", e.num_examples, 1)

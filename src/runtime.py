@@ -14,11 +14,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from src import hw
+from src import cpu, hw
 from src.config import PROJECT_ROOT
 
 WORKER_LOG = "worker.log"
@@ -31,11 +32,10 @@ def worker_env(cfg: Any, base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     for key in _SECRET_ENV:
         env.pop(key, None)
-    threads = cfg.cpu.threads or hw.usable_cores()
+    cores = cpu.parse_cores(cfg.cpu.cores)
+    threads = cfg.cpu.threads or (len(cores) if cores else hw.usable_cores())
+    env.update(cpu.env(cfg.cpu, threads))
     env.update({
-        "PARETUNE_THREADS": str(threads),
-        "OMP_NUM_THREADS": str(threads),   # OpenMP pool used by ATen's parallel loops
-        "MKL_NUM_THREADS": str(threads),   # MKL GEMMs (all fp32 matmuls in training)
         "TOKENIZERS_PARALLELISM": "false",  # the tokenizer's own pool would compete for the same cores
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p),
@@ -103,13 +103,16 @@ def _tail(path: Path, n_bytes: int = 4000) -> str:
         return ""
 
 
-def run_worker(trial_dir: Path, env: dict[str, str], timeout_s: float,
-               python: str = sys.executable) -> WorkerExit:
-    """Run ``python -m src.worker trial_dir`` in its own process group and wait for it."""
+def run_worker(trial_dir: Path, env: dict[str, str], timeout_s: float, python: str = sys.executable,
+               preexec: Callable[[], None] | None = None) -> WorkerExit:
+    """Run ``python -m src.worker trial_dir`` in its own process group and wait for it.
+
+    ``preexec`` runs in the child before it executes Python (e.g. pinning it to cores)."""
     log_path = trial_dir / WORKER_LOG
     start = time.perf_counter()
     proc = subprocess.Popen([python, "-m", "src.worker", str(trial_dir)], env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=preexec)
     assert proc.stdout is not None
     echo = getattr(sys.stderr, "buffer", sys.stderr)
     tee = threading.Thread(target=_tee, args=(proc.stdout, log_path, echo), daemon=True)

@@ -8,6 +8,7 @@ the error. Exit code 0 when completed, 1 when failed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -85,25 +86,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _cpu_in_effect() -> dict[str, Any]:
-    """Settings as this process really has them (read back, not copied from the config)."""
-    import torch
-
-    from src import hw, runtime
-
-    facts = hw.probe()
-    facts.update(
-        torch_threads=torch.get_num_threads(),
-        torch_interop_threads=torch.get_num_interop_threads(),
-        omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
-        allocator=runtime.allocator_in_effect(),
-        aten_cpu_capability=torch.backends.cpu.get_cpu_capability(),
-        mkl_available=torch.backends.mkl.is_available(),
-        mkldnn_available=torch.backends.mkldnn.is_available(),
-    )
-    return facts
-
-
 def _apply_cpu(cfg: DictConfig) -> None:
     import torch
 
@@ -113,6 +95,19 @@ def _apply_cpu(cfg: DictConfig) -> None:
     threads = int(os.environ.get("PARETUNE_THREADS") or hw.usable_cores())
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(int(cfg.cpu.interop_threads))  # once per process, before parallel work
+
+
+def _precision(dtype: str) -> Any:
+    """bf16 autocast for matmuls (weights and LoRA stay fp32), or nothing for fp32."""
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+
+
+def _autocast_state() -> str | None:
+    import torch
+
+    return str(torch.get_autocast_dtype("cpu")).removeprefix("torch.") if torch.is_autocast_enabled("cpu") else None
 
 
 def _seed(seed: int) -> None:
@@ -142,11 +137,11 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def run(t: Trial) -> None:
-    from src import baseline, cost, data, evaluate, loop, model
+    from src import baseline, cost, cpu, data, evaluate, loop, model
 
     cfg, tdir = t.cfg, t.trial_dir
     _apply_cpu(cfg)
-    t.cpu = _cpu_in_effect()
+    t.cpu = cpu.in_effect(cfg.cpu)
     _seed(cfg.train.seed)
     cache_dir = Path(cfg.paths.cache_dir)
 
@@ -176,7 +171,9 @@ def run(t: Trial) -> None:
             train_log.write(json.dumps(row) + "\n")
             train_log.flush()
 
-        stats = loop.train(net, train_ex, cfg.train, pad_id, on_log)
+        with _precision(cfg.cpu.dtype):
+            t.cpu["autocast_in_training"] = _autocast_state()  # read inside the context the loop runs in
+            stats = loop.train(net, train_ex, cfg.train, pad_id, on_log)
     t.artifacts["train_log"] = TRAIN_LOG
     t.data["stopped_by"] = stats.stopped_by
     net.save_pretrained(tdir / ADAPTER_DIR)
@@ -186,7 +183,8 @@ def run(t: Trial) -> None:
     if cfg.eval.merge_adapter:
         net = net.merge_and_unload()
     t.data["eval_model"] = "merged" if cfg.eval.merge_adapter else "adapter"
-    scores, rows = score(net)
+    with _precision(cfg.cpu.dtype):  # evaluated in the precision it was trained and would be served in
+        scores, rows = score(net)
     eval_s = time.perf_counter() - t0
     if rows:
         _write_jsonl(tdir / PREDICTIONS, rows)

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import signal
 import sys
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from src import runtime
 
 
+CPU_DEFAULTS = OmegaConf.load(Path(__file__).parents[1] / "conf/cpu/default.yaml")
+
+
 def _cfg(threads=None, allow_download=False):
-    return OmegaConf.create({"cpu": {"threads": threads, "interop_threads": 1, "allocator": "system"},
+    return OmegaConf.create({"cpu": {**CPU_DEFAULTS, "threads": threads},
                              "model": {"allow_download": allow_download}, "paths": {"cache_dir": "/c"}})
 
 
