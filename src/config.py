@@ -18,7 +18,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from src import cpu
+from src import cpu, quant
 from src import metrics as M
 from src.redact import mask_url
 
@@ -53,6 +53,7 @@ class PeftMethod(Enum):
 
 class QuantMethod(Enum):
     none = "none"
+    bnb = "bnb"
 
 
 class Allocator(Enum):
@@ -150,6 +151,8 @@ class LoraConfig:
 class QuantConfig:
     method: QuantMethod = MISSING
     bits: int = MISSING
+    quant_type: str | None = MISSING
+    double_quant: bool = MISSING
 
 
 @dataclass
@@ -401,8 +404,7 @@ def validate(cfg: DictConfig) -> None:
     _check_model(cfg.model, errors)
     _check_data(cfg.data, errors)
     _check_lora(cfg, errors)
-    if cfg.quant.bits != 32:
-        errors.append(f"quant.bits: {cfg.quant.bits} needs a quantization backend; quant=none trains at 32")
+    quant.check(cfg.quant, errors)
     _range(errors, "cpu.threads", cfg.cpu.threads, 1, 4096, allow_none=True)
     _range(errors, "cpu.interop_threads", cfg.cpu.interop_threads, 1, 4096)
     _check_omp(cfg.cpu, errors)

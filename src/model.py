@@ -98,6 +98,20 @@ def tiny_model(shape: Any, tokenizer: Any, seed: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+def base_folder(mcfg: Any, cache_dir: Path, seed: int, scratch: Path) -> Path:
+    """A folder ``from_pretrained`` can load the base model from (what quantized loading needs);
+    the tiny model, built in code, is saved to ``scratch`` first."""
+    source = str(mcfg.source)
+    if source == "gguf":
+        return converted_gguf_dir(mcfg, cache_dir)
+    if source == "hf":
+        return Path(mcfg.path)
+    tok = AutoTokenizer.from_pretrained(gguf_tokenizer_dir(mcfg, cache_dir))
+    tiny_model(mcfg.shape, tok, seed).save_pretrained(scratch)
+    tok.save_pretrained(scratch)
+    return scratch
+
+
 def load(mcfg: Any, cache_dir: Path, seed: int) -> tuple[Any, Any, dict[str, Any]]:
     """Tokenizer, fp32 model and facts about what was loaded (for result.json)."""
     source = str(mcfg.source)

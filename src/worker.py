@@ -130,6 +130,22 @@ def _attach_lora(model: Any, cfg: DictConfig) -> Any:
     return get_peft_model(model, config)
 
 
+def _quantized_base(net: Any, cfg: DictConfig, cache_dir: Path, tdir: Path) -> Any:
+    """Replace the fp32 model (kept until now for the untuned baseline) by its quantized twin."""
+    import gc
+    import shutil
+
+    from src import model, quant
+
+    del net
+    gc.collect()
+    scratch = tdir / ".base"
+    try:
+        return quant.load(model.base_folder(cfg.model, cache_dir, cfg.train.seed, scratch), cfg.quant)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     with open(path, "w") as fh:
         for row in rows:
@@ -137,7 +153,7 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def run(t: Trial) -> None:
-    from src import baseline, cost, cpu, data, evaluate, loop, model
+    from src import baseline, cost, cpu, data, evaluate, loop, model, quant
 
     cfg, tdir = t.cfg, t.trial_dir
     _apply_cpu(cfg)
@@ -164,6 +180,11 @@ def run(t: Trial) -> None:
     # The trial's own cost is measured from here: the untuned baseline is shared by every trial.
     meter = cost.EnergyMeter.start()
     _seed(cfg.train.seed)
+    if quant.active(cfg.quant):
+        net = _quantized_base(net, cfg, cache_dir, tdir)
+        t.data["quant"] = quant.describe(cfg.quant, net)
+    else:
+        t.data["quant"] = {"backend": "none", "bits": 32}
     net = _attach_lora(net, cfg)
     t.data["trainable_params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
     with open(tdir / TRAIN_LOG, "w") as train_log:
@@ -182,7 +203,9 @@ def run(t: Trial) -> None:
     t0 = time.perf_counter()
     if cfg.eval.merge_adapter:
         net = net.merge_and_unload()
-    t.data["eval_model"] = "merged" if cfg.eval.merge_adapter else "adapter"
+    # How it would be deployed: the adapter merged into (or kept beside) the base, quantized or not.
+    base = "fp32 base" if not quant.active(cfg.quant) else f"{t.data['quant']['quant_type']} base"
+    t.data["eval_model"] = ("merged into " if cfg.eval.merge_adapter else "adapter on ") + base
     with _precision(cfg.cpu.dtype):  # evaluated in the precision it was trained and would be served in
         scores, rows = score(net)
     eval_s = time.perf_counter() - t0

@@ -10,7 +10,6 @@ from omegaconf import OmegaConf
 
 from src import runtime
 
-
 CPU_DEFAULTS = OmegaConf.load(Path(__file__).parents[1] / "conf/cpu/default.yaml")
 
 

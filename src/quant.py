@@ -1,0 +1,88 @@
+"""Quantized base weights with LoRA trained on top (QLoRA and friends), as a search dimension.
+
+``quant.method`` picks the library, ``quant.bits`` the width, so a study can sweep bits without
+naming a library: bitsandbytes takes 4 (nf4 or fp4, optionally double-quantized) and 8 (LLM.int8);
+16 and 32 mean no quantization. The base model is loaded in fp32 and quantized as it loads, so the
+load-time peak is part of a trial's measured peak RSS.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+# bits -> the quantization types each backend has for them (first: the default).
+BNB_TYPES = {4: ("nf4", "fp4"), 8: ("int8",)}
+UNQUANTIZED_BITS = (16, 32)
+
+
+def active(q: Any) -> bool:
+    """Whether the base weights are quantized at all (bits 16/32 keep them in full precision)."""
+    return _name(q.method) != "none" and int(q.bits) not in UNQUANTIZED_BITS
+
+
+def resolved_type(q: Any) -> str | None:
+    if not active(q):
+        return None
+    return str(q.quant_type) if q.quant_type is not None else BNB_TYPES[int(q.bits)][0]
+
+
+def check(q: Any, errors: list[str]) -> None:
+    """What the chosen backend cannot do, named with the key and the fix, before any work."""
+    method, bits = _name(q.method), int(q.bits)
+    if method == "none":
+        if bits != 32:
+            errors.append(f"quant.bits: {bits} needs a quantization backend; choose quant=bnb_nf4 or "
+                          "quant=bnb_int8 (or quant.method=bnb), or keep quant.bits=32")
+        return
+    if method == "bnb":
+        if bits not in (*BNB_TYPES, *UNQUANTIZED_BITS):
+            errors.append(f"quant.bits: bitsandbytes has 4 and 8 bits (16/32: no quantization), not {bits}")
+        elif bits in BNB_TYPES and q.quant_type is not None and q.quant_type not in BNB_TYPES[bits]:
+            errors.append(f"quant.quant_type: '{q.quant_type}' is not a {bits}-bit bitsandbytes type; "
+                          f"use one of {list(BNB_TYPES[bits])} or null")
+        if q.double_quant and bits != 4:
+            errors.append("quant.double_quant: only 4-bit bitsandbytes quantizes its scales; set it false")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            errors.append("quant.method: bitsandbytes is not installed; run `make setup`")
+
+
+def hf_config(q: Any) -> Any:
+    """The transformers quantization config for ``from_pretrained``."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if int(q.bits) == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=resolved_type(q),
+                              bnb_4bit_use_double_quant=bool(q.double_quant),
+                              bnb_4bit_compute_dtype=torch.float32)
+
+
+def load(folder: str | Path, q: Any) -> Any:
+    """The model in ``folder`` with its linear layers quantized, ready for k-bit LoRA training."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=hf_config(q), device_map="cpu",
+                                                 dtype=torch.float32)
+    model.config.use_cache = False
+    # Casts norms to fp32 and enables input grads; checkpointing stays train.gradient_checkpointing's call.
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def describe(q: Any, model: Any) -> dict[str, Any]:
+    """What was really quantized: counted from the model's layers, not taken from the config."""
+    layers: dict[str, int] = {}
+    for module in model.modules():
+        kind = type(module).__name__
+        if kind in ("Linear4bit", "Linear8bitLt"):
+            layers[kind] = layers.get(kind, 0) + 1
+    return {"backend": _name(q.method), "bits": int(q.bits), "quant_type": resolved_type(q),
+            "double_quant": bool(q.double_quant), "quantized_layers": layers}
+
+
+def _name(value: Any) -> str:
+    return str(getattr(value, "name", value))
