@@ -54,6 +54,7 @@ class PeftMethod(Enum):
 class QuantMethod(Enum):
     none = "none"
     bnb = "bnb"
+    torchao = "torchao"
 
 
 class Allocator(Enum):

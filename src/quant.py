@@ -2,7 +2,8 @@
 
 ``quant.method`` picks the library, ``quant.bits`` the width, so a study can sweep bits without
 naming a library: bitsandbytes takes 4 (nf4 or fp4, optionally double-quantized) and 8 (LLM.int8);
-16 and 32 mean no quantization. The base model is loaded in fp32 and quantized as it loads, so the
+torchao takes 8 (int8 weight-only; peft trains LoRA on it through its TorchaoLoraLinear); 16 and 32
+mean no quantization. The base model is loaded in fp32 and quantized as it loads, so the
 load-time peak is part of a trial's measured peak RSS.
 """
 
@@ -14,6 +15,10 @@ from typing import Any
 
 # bits -> the quantization types each backend has for them (first: the default).
 BNB_TYPES = {4: ("nf4", "fp4"), 8: ("int8",)}
+TORCHAO_TYPES = {8: ("int8_weight_only",)}
+# Why torchao's 4-bit is refused rather than run (measured on this project's reference machine).
+TORCHAO_INT4_NOTE = ("torchao's int4 weight-only needs a CPU kernel package that is not available here, and its "
+                     "'intx' int4 stores int8 and saves nothing over quant=torchao_int8")
 UNQUANTIZED_BITS = (16, 32)
 
 
@@ -25,7 +30,8 @@ def active(q: Any) -> bool:
 def resolved_type(q: Any) -> str | None:
     if not active(q):
         return None
-    return str(q.quant_type) if q.quant_type is not None else BNB_TYPES[int(q.bits)][0]
+    types = TORCHAO_TYPES if _name(q.method) == "torchao" else BNB_TYPES
+    return str(q.quant_type) if q.quant_type is not None else types[int(q.bits)][0]
 
 
 def check(q: Any, errors: list[str]) -> None:
@@ -46,6 +52,17 @@ def check(q: Any, errors: list[str]) -> None:
             errors.append("quant.double_quant: only 4-bit bitsandbytes quantizes its scales; set it false")
         if importlib.util.find_spec("bitsandbytes") is None:
             errors.append("quant.method: bitsandbytes is not installed; run `make setup`")
+    if method == "torchao":
+        if bits == 4:
+            errors.append(f"quant.bits: 4 with torchao is refused: {TORCHAO_INT4_NOTE}; use quant=bnb_nf4 for 4 bits")
+        elif bits not in (*TORCHAO_TYPES, *UNQUANTIZED_BITS):
+            errors.append(f"quant.bits: torchao has 8 bits here (16/32: no quantization), not {bits}")
+        elif bits in TORCHAO_TYPES and q.quant_type is not None and q.quant_type not in TORCHAO_TYPES[bits]:
+            errors.append(f"quant.quant_type: '{q.quant_type}' is not a torchao type here; use int8_weight_only")
+        if q.double_quant:
+            errors.append("quant.double_quant: bitsandbytes 4-bit only; set it false")
+        if importlib.util.find_spec("torchao") is None:
+            errors.append("quant.method: torchao is not installed; run `make setup`")
 
 
 def hf_config(q: Any) -> Any:
@@ -53,6 +70,11 @@ def hf_config(q: Any) -> Any:
     import torch
     from transformers import BitsAndBytesConfig
 
+    if _name(q.method) == "torchao":
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig())
     if int(q.bits) == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=resolved_type(q),
@@ -69,6 +91,8 @@ def load(folder: str | Path, q: Any) -> Any:
     model = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=hf_config(q), device_map="cpu",
                                                  dtype=torch.float32)
     model.config.use_cache = False
+    if _name(q.method) != "bnb":
+        return model
     # Casts norms to fp32 and enables input grads; checkpointing stays train.gradient_checkpointing's call.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
@@ -78,8 +102,12 @@ def describe(q: Any, model: Any) -> dict[str, Any]:
     layers: dict[str, int] = {}
     for module in model.modules():
         kind = type(module).__name__
-        if kind in ("Linear4bit", "Linear8bitLt"):
-            layers[kind] = layers.get(kind, 0) + 1
+        weight = getattr(module, "weight", None)
+        if type(weight).__module__.startswith("torchao"):  # torchao swaps the weight, not the layer
+            kind = f"Linear[{type(weight).__name__}]"
+        elif kind not in ("Linear4bit", "Linear8bitLt"):
+            continue
+        layers[kind] = layers.get(kind, 0) + 1
     return {"backend": _name(q.method), "bits": int(q.bits), "quant_type": resolved_type(q),
             "double_quant": bool(q.double_quant), "quantized_layers": layers}
 

@@ -21,6 +21,7 @@ def q(name: str, **over: object) -> OmegaConf:
 @pytest.mark.parametrize(("name", "over", "kind"), [
     ("none", {}, None), ("bnb_nf4", {}, "nf4"), ("bnb_fp4", {}, "fp4"), ("bnb_int8", {}, "int8"),
     ("bnb", {"bits": 4}, "nf4"), ("bnb", {"bits": 8}, "int8"), ("bnb", {"bits": 32}, None),
+    ("torchao_int8", {}, "int8_weight_only"), ("torchao_int8", {"bits": 32}, None),
 ])
 def test_bits_map_to_the_backend_type(name, over, kind):
     cfg = q(name, **over)
@@ -34,6 +35,8 @@ def test_bits_map_to_the_backend_type(name, over, kind):
     ("bnb", {"bits": 2}, "quant.bits: bitsandbytes has 4 and 8 bits"),
     ("bnb_nf4", {"bits": 8}, "quant.quant_type: 'nf4' is not a 8-bit bitsandbytes type"),
     ("bnb_int8", {"double_quant": True}, "quant.double_quant"),
+    ("torchao_int8", {"bits": 4}, "needs a CPU kernel package"),
+    ("torchao_int8", {"quant_type": "fp8"}, "quant.quant_type: 'fp8' is not a torchao type"),
 ])
 def test_what_a_backend_lacks_is_refused(name, over, fragment):
     errors: list[str] = []
@@ -42,7 +45,7 @@ def test_what_a_backend_lacks_is_refused(name, over, fragment):
 
 
 @pytest.mark.parametrize(("name", "layer"), [("bnb_nf4", "Linear4bit"), ("bnb_fp4", "Linear4bit"),
-                                             ("bnb_int8", "Linear8bitLt")])
+                                             ("bnb_int8", "Linear8bitLt"), ("torchao_int8", "Linear[Int8Tensor]")])
 def test_each_backend_trains_lora_on_the_tiny_model(tmp_path, data_root, cache_dir, name, layer):
     proc = run_cli([*TINY, f"data.root={data_root}", f"paths.cache_dir={cache_dir}", "logger=none",
                     f"hydra.run.dir={tmp_path / 'run'}", f"quant={name}", "train.max_steps=10", "train.lr=0.05",
@@ -53,7 +56,8 @@ def test_each_backend_trains_lora_on_the_tiny_model(tmp_path, data_root, cache_d
     record = json.loads((tmp_path / "run" / "result.json").read_text())
     assert record["status"] == "completed", record.get("error")
     facts = record["data"]["quant"]
-    assert facts["backend"] == "bnb" and facts["quantized_layers"][layer] == 2 * 7  # 2 layers x 7 projections
+    assert facts["backend"] == name.split("_")[0]
+    assert facts["quantized_layers"][layer] == 2 * 7  # 2 layers x 7 projections
     assert record["data"]["eval_model"] == f"merged into {facts['quant_type']} base"
     log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["train/loss"] < log[0]["train/loss"] - 0.5, [x["train/loss"] for x in log]
