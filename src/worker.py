@@ -9,6 +9,7 @@ the error. Exit code 0 when completed, 1 when failed.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -130,15 +131,12 @@ def _attach_lora(model: Any, cfg: DictConfig) -> Any:
     return get_peft_model(model, config)
 
 
-def _quantized_base(net: Any, cfg: DictConfig, cache_dir: Path, tdir: Path) -> Any:
-    """Replace the fp32 model (kept until now for the untuned baseline) by its quantized twin."""
-    import gc
+def _quantized_base(cfg: DictConfig, cache_dir: Path, tdir: Path) -> Any:
+    """The base model again, quantized as it loads (the fp32 one served the untuned baseline)."""
     import shutil
 
     from src import model, quant
 
-    del net
-    gc.collect()
     scratch = tdir / ".base"
     try:
         return quant.load(model.base_folder(cfg.model, cache_dir, cfg.train.seed, scratch), cfg.quant)
@@ -181,7 +179,9 @@ def run(t: Trial) -> None:
     meter = cost.EnergyMeter.start()
     _seed(cfg.train.seed)
     if quant.active(cfg.quant):
-        net = _quantized_base(net, cfg, cache_dir, tdir)
+        del net  # free the fp32 model before its quantized twin loads: both at once would inflate the peak
+        gc.collect()
+        net = _quantized_base(cfg, cache_dir, tdir)
         t.data["quant"] = quant.describe(cfg.quant, net)
     else:
         t.data["quant"] = {"backend": "none", "bits": 32}
