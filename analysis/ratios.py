@@ -1,0 +1,73 @@
+"""Knob-by-knob ratios: each setting's speed, memory and quality relative to a reference trial of the
+same sweep (e.g. fp32 / system allocator / default threads), as a Markdown table.
+
+Ratios, not absolute numbers, are what travel between machines; repeated measurements of one
+setting are reduced to their median, and the table says how many there were.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from src import metrics as M
+
+DEFAULT_METRICS = (M.TRAIN_TOKENS_PER_S, M.COST_PEAK_RSS_MB, M.EVAL_ROUGE[2])
+BEGIN, END = "<!-- ratios:begin -->", "<!-- ratios:end -->"
+
+
+def load_records(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """Completed trial records from result.json files or the sweep folders holding them."""
+    out = []
+    for path in paths:
+        files = [path] if path.is_file() else sorted(path.glob("*/result.json"))
+        for f in files:
+            record = json.loads(f.read_text())
+            if record.get("status") == "completed":
+                out.append(record)
+    return out
+
+
+def setting(record: dict[str, Any], keys: Sequence[str]) -> tuple[str, ...]:
+    """The trial's value of each key, as its command line gave it ("default" when not overridden)."""
+    given = dict(o.split("=", 1) for o in record["trial"].get("overrides", []) if "=" in o)
+    return tuple(given.get(k, "default") for k in keys)
+
+
+def table(records: list[dict[str, Any]], keys: Sequence[str], reference: dict[str, str],
+          metrics: Sequence[str] = DEFAULT_METRICS) -> str:
+    """Markdown: one row per setting, each metric's median and its ratio to the reference setting."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(setting(r, keys), []).append(r)
+    ref_key = tuple(reference.get(k, "default") for k in keys)
+    if ref_key not in groups:
+        raise ValueError(f"no completed trial has the reference setting {dict(zip(keys, ref_key, strict=True))}; "
+                         f"settings found: {sorted(groups)}")
+
+    def median(rows: list[dict[str, Any]], m: str) -> float | None:
+        values = [r["metrics"][m] for r in rows if m in r["metrics"]]
+        return statistics.median(values) if values else None
+
+    ref = {m: median(groups[ref_key], m) for m in metrics}
+    header = [*keys, "n", *(f"{m} (x ref)" for m in metrics)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key in sorted(groups, key=lambda k: (k != ref_key, k)):
+        cells = []
+        for m in metrics:
+            value, base = median(groups[key], m), ref[m]
+            cells.append("-" if value is None or not base else f"{value:.4g} ({value / base:.2f}x)")
+        lines.append("| " + " | ".join([*key, str(len(groups[key])), *cells]) + " |")
+    return "\n".join(lines)
+
+
+def replace_block(text: str, block: str) -> str:
+    """Put ``block`` between the ratio markers of a document (README), keeping everything else."""
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"the document has no {BEGIN} ... {END} markers to write the table between")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{block}\n{END}{tail}"
