@@ -68,7 +68,7 @@ def parse_cores(spec: Any) -> list[int] | None:
         return None
     if isinstance(spec, int):
         return [spec]
-    if isinstance(spec, list | tuple) or hasattr(spec, "__iter__") and not isinstance(spec, str):
+    if not isinstance(spec, str):  # a list (or OmegaConf ListConfig) of core ids
         return sorted({int(c) for c in spec})
     out: set[int] = set()
     for part in str(spec).replace(" ", "").split(","):

@@ -114,6 +114,10 @@ class StudySweeper(Sweeper):
         raise NotImplementedError
 
     # ---- shared steps -------------------------------------------------------------------------
+    def lock(self, study: optuna.Study) -> Any:
+        """The study-wide lock under which this process counts trials and asks for new ones."""
+        return S.study_lock(study._storage, self.storage_spec, study.study_name)  # noqa: SLF001
+
     def objectives(self) -> tuple[list[str], list[Any]]:
         """Names and directions declared once in the task config; ``direction`` may only agree."""
         assert self.config is not None

@@ -46,7 +46,7 @@ class GridSweeper(StudySweeper):
 
     def run(self, study: optuna.Study, space: SearchSpace, leases: S.Leases, outcome: _Outcome) -> None:
         todo = self.jobs(space)
-        with S.study_lock(study._storage, self.storage_spec, study.study_name):  # noqa: SLF001
+        with self.lock(study):
             S.fail_stale(study)
         if not self.rerun_completed:
             done = Counter(_key(t.params) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
@@ -64,7 +64,7 @@ class GridSweeper(StudySweeper):
         size = self.max_batch_size or max(len(todo), 1)
         for start in range(0, len(todo), size):
             batch = []
-            with S.study_lock(study._storage, self.storage_spec, study.study_name):  # noqa: SLF001
+            with self.lock(study):
                 for params in todo[start:start + size]:
                     # An enqueued trial is popped by the next ask: this pins the trial's parameters.
                     study.enqueue_trial(params, skip_if_exists=False)

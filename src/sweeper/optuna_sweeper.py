@@ -67,7 +67,7 @@ class OptunaSweeper(StudySweeper):
         outcome.planned = max(0, limit - S.counted(study.get_trials(deepcopy=False)))
         while True:
             batch = []
-            with S.study_lock(study._storage, self.storage_spec, study.study_name):  # noqa: SLF001
+            with self.lock(study):
                 S.fail_stale(study)
                 if self.retry_stale:
                     S.retry_stale(study)
