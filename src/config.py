@@ -55,6 +55,7 @@ class QuantMethod(Enum):
     none = "none"
     bnb = "bnb"
     torchao = "torchao"
+    ipex = "ipex"
 
 
 class Allocator(Enum):
@@ -229,6 +230,7 @@ class Objective:
 class PathsConfig:
     cache_dir: str = MISSING
     study_storage: str = MISSING
+    ipex_python: str = MISSING
 
 
 @dataclass
@@ -405,7 +407,7 @@ def validate(cfg: DictConfig) -> None:
     _check_model(cfg.model, errors)
     _check_data(cfg.data, errors)
     _check_lora(cfg, errors)
-    quant.check(cfg.quant, errors)
+    quant.check(cfg.quant, errors, cfg.paths.ipex_python)
     _range(errors, "cpu.threads", cfg.cpu.threads, 1, 4096, allow_none=True)
     _range(errors, "cpu.interop_threads", cfg.cpu.interop_threads, 1, 4096)
     _check_omp(cfg.cpu, errors)

@@ -23,6 +23,19 @@ from src.config import package_dir
 log = logging.getLogger(__name__)
 
 
+def _transformers_version() -> tuple[int, int]:
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return major, minor
+
+
+def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``from_pretrained``'s dtype argument: ``dtype`` since transformers 4.56, ``torch_dtype`` before
+    (the ipex-llm environment runs transformers 4.47, where ``dtype`` would be taken for a config field)."""
+    return {"dtype": dtype} if _transformers_version() >= (4, 56) else {"torch_dtype": dtype}
+
+
 def _gguf_path(mcfg: Any) -> Path:
     pkg = package_dir(mcfg.gguf_package)
     if pkg is None:
@@ -31,8 +44,10 @@ def _gguf_path(mcfg: Any) -> Path:
 
 
 def _cache_key(gguf: Path) -> str:
+    # Per transformers major version: a tokenizer saved by 5.x names a class 4.x does not have, and the
+    # ipex-llm environment runs 4.x on the same cache.
     st = gguf.stat()
-    return f"{gguf.stem}-{st.st_size}"
+    return f"{gguf.stem}-{st.st_size}-transformers{_transformers_version()[0]}"
 
 
 def _publish(build_dir_fn: Any, dest: Path) -> Path:
@@ -63,9 +78,11 @@ def converted_gguf_dir(mcfg: Any, cache_dir: Path) -> Path:
     def build(tmp: Path) -> None:
         log.info("converting %s to safetensors (once per machine, about 30 s)", gguf.name)
         model: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                          dtype=torch.float32)
-        # save_pretrained refuses while the GGUF quantizer is attached; the weights are already fp32.
-        model.hf_quantizer.remove_quantization_config(model)
+                                                          **dtype_kwarg(torch.float32))
+        # transformers 5's save_pretrained refuses while the GGUF quantizer is attached (4.x attaches
+        # none); the weights are already fp32.
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
 
@@ -119,7 +136,7 @@ def load(mcfg: Any, cache_dir: Path, seed: int) -> tuple[Any, Any, dict[str, Any
     if source == "gguf":
         folder = converted_gguf_dir(mcfg, cache_dir)
         tok = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, **dtype_kwarg(torch.float32))
         origin = str(_gguf_path(mcfg))
     elif source == "tiny":
         tok = AutoTokenizer.from_pretrained(gguf_tokenizer_dir(mcfg, cache_dir))
@@ -128,7 +145,8 @@ def load(mcfg: Any, cache_dir: Path, seed: int) -> tuple[Any, Any, dict[str, Any
     elif source == "hf":
         local_only = not mcfg.allow_download
         tok = AutoTokenizer.from_pretrained(mcfg.path, local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(mcfg.path, dtype=torch.float32, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(mcfg.path, local_files_only=local_only,
+                                                     **dtype_kwarg(torch.float32))
         origin = str(mcfg.path)
     else:  # the schema's enum makes this unreachable
         raise ValueError(f"model.source: unknown '{source}'")

@@ -2,14 +2,17 @@
 
 ``quant.method`` picks the library, ``quant.bits`` the width, so a study can sweep bits without
 naming a library: bitsandbytes takes 4 (nf4 or fp4, optionally double-quantized) and 8 (LLM.int8);
-torchao takes 8 (int8 weight-only; peft trains LoRA on it through its TorchaoLoraLinear); 16 and 32
-mean no quantization. The base model is loaded in fp32 and quantized as it loads, so the
+torchao takes 8 (int8 weight-only; peft trains LoRA on it through its TorchaoLoraLinear); ipex-llm
+takes 4 (sym_int4, with its own QLoRA layers), in its own environment (see ``worker_python``); 16 and
+32 mean no quantization. The base model is loaded in fp32 and quantized as it loads, so the
 load-time peak is part of a trial's measured peak RSS.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,16 @@ TORCHAO_TYPES = {8: ("int8_weight_only",)}
 TORCHAO_INT4_NOTE = ("torchao's int4 weight-only needs a CPU kernel package that is not available here, and its "
                      "'intx' int4 stores int8 and saves nothing over quant=torchao_int8")
 UNQUANTIZED_BITS = (16, 32)
+IPEX_TYPES = {4: ("sym_int4",)}
+# ipex-llm types refused, each with what it does on CPU (measured with ipex-llm 2.2.0 on this project's
+# reference machine, SmolLM2-135M, LoRA r=16): the first raise inside ipex-llm, the others load and run
+# but their LoRA never learns (the training loss stays at its first value).
+IPEX_REFUSED = {
+    **dict.fromkeys(("nf4", "fp4", "nf3", "fp8", "fp8_e4m3", "fp8_e5m2"),
+                    "ipex-llm does not support it on CPU ('NF3, NF4, FP4 and FP8 quantization are currently "
+                    "not supported on CPU')"),
+    **dict.fromkeys(("sym_int8", "asym_int4"), "its LoRA does not train on CPU (the loss stays constant)"),
+}
 
 
 def active(q: Any) -> bool:
@@ -30,11 +43,21 @@ def active(q: Any) -> bool:
 def resolved_type(q: Any) -> str | None:
     if not active(q):
         return None
-    types = TORCHAO_TYPES if _name(q.method) == "torchao" else BNB_TYPES
+    types = {"torchao": TORCHAO_TYPES, "ipex": IPEX_TYPES}.get(_name(q.method), BNB_TYPES)
     return str(q.quant_type) if q.quant_type is not None else types[int(q.bits)][0]
 
 
-def check(q: Any, errors: list[str]) -> None:
+def needs_own_python(q: Any) -> bool:
+    """ipex-llm does not import with transformers 5: its trials' workers run in their own venv."""
+    return _name(q.method) == "ipex" and active(q)
+
+
+def worker_python(q: Any, ipex_python: str) -> str:
+    """The interpreter a trial's worker runs with."""
+    return ipex_python if needs_own_python(q) else sys.executable
+
+
+def check(q: Any, errors: list[str], ipex_python: str | None = None) -> None:
     """What the chosen backend cannot do, named with the key and the fix, before any work."""
     method, bits = _name(q.method), int(q.bits)
     if method == "none":
@@ -63,6 +86,37 @@ def check(q: Any, errors: list[str]) -> None:
             errors.append("quant.double_quant: bitsandbytes 4-bit only; set it false")
         if importlib.util.find_spec("torchao") is None:
             errors.append("quant.method: torchao is not installed; run `make setup`")
+    if method == "ipex":
+        _check_ipex(q, bits, errors, ipex_python)
+
+
+def _check_ipex(q: Any, bits: int, errors: list[str], ipex_python: str | None) -> None:
+    qtype = None if q.quant_type is None else str(q.quant_type)
+    if qtype in IPEX_REFUSED:
+        errors.append(f"quant.quant_type: '{qtype}' is refused: {IPEX_REFUSED[qtype]}; use quant=ipex_sym_int4 "
+                      "(sym_int4), or quant=bnb_nf4 for NF4 on CPU")
+    elif bits not in (*IPEX_TYPES, *UNQUANTIZED_BITS):
+        errors.append(f"quant.bits: ipex-llm trains LoRA on 4 bits here (sym_int4; 16/32: no quantization), "
+                      f"not {bits}; use quant=bnb_int8 or quant=torchao_int8 for 8 bits")
+    elif bits in IPEX_TYPES and qtype is not None and qtype not in IPEX_TYPES[bits]:
+        errors.append(f"quant.quant_type: '{qtype}' is not an ipex-llm type this project trains; use sym_int4")
+    if q.double_quant:
+        errors.append("quant.double_quant: bitsandbytes 4-bit only; set it false")
+    if not active(q) or ipex_python is None:
+        return
+    python = Path(ipex_python)
+    if not python.exists():
+        errors.append(f"paths.ipex_python: '{python}' does not exist; ipex-llm runs in its own environment "
+                      "(it does not import with transformers 5): create it with `make ipex-venv`, or point "
+                      "PARETUNE_IPEX_PYTHON at an interpreter that has it")
+        return
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('ipex_llm') is None)"
+    try:
+        found = subprocess.run([str(python), "-c", probe], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        found = False
+    if not found:
+        errors.append(f"paths.ipex_python: '{python}' has no ipex_llm; recreate it with `make ipex-venv`")
 
 
 def hf_config(q: Any) -> Any:
@@ -88,13 +142,47 @@ def load(folder: str | Path, q: Any) -> Any:
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
+    from src.model import dtype_kwarg
+
+    if _name(q.method) == "ipex":
+        return _load_ipex(folder, q)
     model = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=hf_config(q), device_map="cpu",
-                                                 dtype=torch.float32)
+                                                 **dtype_kwarg(torch.float32))
     model.config.use_cache = False
     if _name(q.method) != "bnb":
         return model
     # Casts norms to fp32 and enables input grads; checkpointing stays train.gradient_checkpointing's call.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _load_ipex(folder: str | Path, q: Any) -> Any:
+    import torch
+    from ipex_llm.transformers import AutoModelForCausalLM as IpexModel
+    from ipex_llm.transformers.qlora import prepare_model_for_kbit_training
+
+    # optimize_model=False: ipex-llm's inference rewrites (fused attention, its own KV cache) do not
+    # support training. lm_head stays fp32 like bitsandbytes leaves it.
+    model = IpexModel.from_pretrained(str(folder), load_in_low_bit=resolved_type(q), optimize_model=False,
+                                      torch_dtype=torch.float32, modules_to_not_convert=["lm_head"])
+    model.config.use_cache = False
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def attach_lora(model: Any, q: Any, lora_kwargs: dict[str, Any]) -> Any:
+    """LoRA adapters on ``model``: peft's, or ipex-llm's QLoRA layers over its low-bit linears."""
+    if needs_own_python(q):
+        from ipex_llm.transformers.qlora import LoraConfig as IpexLoraConfig
+        from ipex_llm.transformers.qlora import get_peft_model as ipex_get_peft_model
+
+        return ipex_get_peft_model(model, IpexLoraConfig(**lora_kwargs, training_mode="qlora"))
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(**lora_kwargs))
+
+
+def can_merge(q: Any) -> bool:
+    """Whether LoRA merges into this base (ipex-llm's low-bit layers raise NotImplementedError)."""
+    return not needs_own_python(q)
 
 
 def describe(q: Any, model: Any) -> dict[str, Any]:
@@ -105,7 +193,7 @@ def describe(q: Any, model: Any) -> dict[str, Any]:
         weight = getattr(module, "weight", None)
         if type(weight).__module__.startswith("torchao"):  # torchao swaps the weight, not the layer
             kind = f"Linear[{type(weight).__name__}]"
-        elif kind not in ("Linear4bit", "Linear8bitLt"):
+        elif kind not in ("Linear4bit", "Linear8bitLt", "LowBitLinear"):
             continue
         layers[kind] = layers.get(kind, 0) + 1
     return {"backend": _name(q.method), "bits": int(q.bits), "quant_type": resolved_type(q),

@@ -21,7 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from src import cpu, data, results, runtime, tracking
+from src import cpu, data, quant, results, runtime, tracking
 from src.config import PROJECT_ROOT, ConfigError, register_configs, to_plain, validate
 from src.results import TrialResult
 from src.worker import CONFIG_FILE
@@ -78,7 +78,8 @@ def run_trial(cfg: DictConfig, trial_dir: Path, trial: dict[str, Any]) -> TrialR
     (trial_dir / CONFIG_FILE).write_text(json.dumps(plain, indent=2))
 
     timeout_s = float(cfg.train.worker_timeout_s)
-    exit_ = runtime.run_worker(trial_dir, runtime.worker_env(cfg), timeout_s, preexec=cpu.preexec(cfg.cpu))
+    exit_ = runtime.run_worker(trial_dir, runtime.worker_env(cfg), timeout_s, preexec=cpu.preexec(cfg.cpu),
+                               python=quant.worker_python(cfg.quant, cfg.paths.ipex_python))
     try:
         result = results.read(trial_dir)
     except (OSError, ValueError, TypeError):

@@ -79,7 +79,8 @@ def _versions() -> dict[str, str]:
 
     out = {"python": sys.version.split()[0]}
     for pkg in ("torch", "transformers", "peft", "accelerate", "hydra-core", "omegaconf", "optuna", "wandb",
-                "rouge-score", "bert-score", "numpy", "tokenizers", "safetensors", "paretune"):
+                "rouge-score", "bert-score", "numpy", "tokenizers", "safetensors", "bitsandbytes", "torchao",
+                "ipex-llm", "paretune"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -123,12 +124,12 @@ def _seed(seed: int) -> None:
 
 
 def _attach_lora(model: Any, cfg: DictConfig) -> Any:
-    from peft import LoraConfig, get_peft_model
+    from src import quant
 
     lc = cfg.lora
-    config = LoraConfig(r=lc.r, lora_alpha=lc.alpha if lc.alpha is not None else 2 * lc.r,
-                        lora_dropout=lc.dropout, target_modules=list(lc.target_modules), task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    return quant.attach_lora(model, cfg.quant, {
+        "r": lc.r, "lora_alpha": lc.alpha if lc.alpha is not None else 2 * lc.r, "lora_dropout": lc.dropout,
+        "target_modules": list(lc.target_modules), "task_type": "CAUSAL_LM"})
 
 
 def _quantized_base(cfg: DictConfig, cache_dir: Path, tdir: Path) -> Any:
@@ -201,11 +202,14 @@ def run(t: Trial) -> None:
     t.artifacts["adapter"] = ADAPTER_DIR
 
     t0 = time.perf_counter()
-    if cfg.eval.merge_adapter:
+    merge = cfg.eval.merge_adapter and quant.can_merge(cfg.quant)
+    if merge:
         net = net.merge_and_unload()
     # How it would be deployed: the adapter merged into (or kept beside) the base, quantized or not.
     base = "fp32 base" if not quant.active(cfg.quant) else f"{t.data['quant']['quant_type']} base"
-    t.data["eval_model"] = ("merged into " if cfg.eval.merge_adapter else "adapter on ") + base
+    t.data["eval_model"] = ("merged into " if merge else "adapter on ") + base
+    if cfg.eval.merge_adapter and not merge:
+        t.data["eval_model"] += f" ({t.data['quant']['backend']} cannot merge LoRA into its layers)"
     with _precision(cfg.cpu.dtype):  # evaluated in the precision it was trained and would be served in
         scores, rows = score(net)
     eval_s = time.perf_counter() - t0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -10,8 +13,11 @@ from omegaconf import OmegaConf
 from src import quant
 from src.config import PROJECT_ROOT
 from tests.conftest import TINY, run_cli
+from tests.system import require
 
 QUANT_DIR = PROJECT_ROOT / "conf" / "quant"
+# The ipex-llm environment `make ipex-venv` builds (or the one PARETUNE_IPEX_PYTHON names).
+IPEX_PYTHON = Path(os.environ.get("PARETUNE_IPEX_PYTHON", PROJECT_ROOT / ".venv-ipex" / "bin" / "python"))
 
 
 def q(name: str, **over: object) -> OmegaConf:
@@ -22,11 +28,13 @@ def q(name: str, **over: object) -> OmegaConf:
     ("none", {}, None), ("bnb_nf4", {}, "nf4"), ("bnb_fp4", {}, "fp4"), ("bnb_int8", {}, "int8"),
     ("bnb", {"bits": 4}, "nf4"), ("bnb", {"bits": 8}, "int8"), ("bnb", {"bits": 32}, None),
     ("torchao_int8", {}, "int8_weight_only"), ("torchao_int8", {"bits": 32}, None),
+    ("ipex_sym_int4", {}, "sym_int4"), ("ipex_sym_int4", {"quant_type": None}, "sym_int4"),
+    ("ipex_sym_int4", {"bits": 32, "quant_type": None}, None),
 ])
 def test_bits_map_to_the_backend_type(name, over, kind):
     cfg = q(name, **over)
     errors: list[str] = []
-    quant.check(cfg, errors)
+    quant.check(cfg, errors)  # no interpreter given: the ipex-llm environment is checked separately
     assert errors == [] and quant.resolved_type(cfg) == kind and quant.active(cfg) == (kind is not None)
 
 
@@ -37,6 +45,11 @@ def test_bits_map_to_the_backend_type(name, over, kind):
     ("bnb_int8", {"double_quant": True}, "quant.double_quant"),
     ("torchao_int8", {"bits": 4}, "needs a CPU kernel package"),
     ("torchao_int8", {"quant_type": "fp8"}, "quant.quant_type: 'fp8' is not a torchao type"),
+    ("ipex_sym_int4", {"quant_type": "nf4"}, "'nf4' is refused: ipex-llm does not support it on CPU"),
+    ("ipex_sym_int4", {"quant_type": "fp4"}, "use quant=ipex_sym_int4 (sym_int4), or quant=bnb_nf4"),
+    ("ipex_sym_int4", {"quant_type": "sym_int8", "bits": 8}, "its LoRA does not train on CPU"),
+    ("ipex_sym_int4", {"quant_type": None, "bits": 8}, "quant.bits: ipex-llm trains LoRA on 4 bits here"),
+    ("ipex_sym_int4", {"double_quant": True}, "quant.double_quant"),
 ])
 def test_what_a_backend_lacks_is_refused(name, over, fragment):
     errors: list[str] = []
@@ -63,3 +76,40 @@ def test_each_backend_trains_lora_on_the_tiny_model(tmp_path, data_root, cache_d
     assert log[-1]["train/loss"] < log[0]["train/loss"] - 0.5, [x["train/loss"] for x in log]
     assert record["gains"]["gain/loss"] < 0
     assert not (tmp_path / "run" / ".base").exists()  # the scratch copy of the tiny base is gone
+
+
+def test_ipex_needs_its_environment(tmp_path):
+    cfg = q("ipex_sym_int4")
+    errors: list[str] = []
+    quant.check(cfg, errors, str(tmp_path / "nowhere" / "python"))
+    assert any("paths.ipex_python" in e and "make ipex-venv" in e for e in errors), errors
+    errors = []
+    quant.check(cfg, errors, sys.executable)  # an interpreter without ipex_llm (this one)
+    assert any("has no ipex_llm" in e for e in errors), errors
+    assert quant.worker_python(cfg, "/x/python") == "/x/python"
+    assert quant.worker_python(q("bnb_nf4"), "/x/python") == sys.executable
+    assert quant.worker_python(q("ipex_sym_int4", bits=32, quant_type=None), "/x/python") == sys.executable
+
+
+def test_ipex_sym_int4_trains_lora_in_its_own_environment(tmp_path, data_root, cache_dir):
+    if not IPEX_PYTHON.exists():
+        require("the ipex-llm environment", f"{IPEX_PYTHON} is missing; create it with `make ipex-venv`")
+    proc = run_cli([*TINY, f"data.root={data_root}", f"paths.cache_dir={cache_dir}", "logger=none",
+                    f"hydra.run.dir={tmp_path / 'run'}", "quant=ipex_sym_int4", "train.max_steps=10",
+                    "train.lr=0.05", "model.shape.hidden_size=64", "model.shape.intermediate_size=128",
+                    "train.warmup_ratio=0", "train.scheduler=constant", "eval.metrics=[loss,rouge]"],
+                   cwd=tmp_path, env={"PARETUNE_IPEX_PYTHON": str(IPEX_PYTHON)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert record["status"] == "completed", record.get("error")
+    # It ran in the other interpreter: transformers 4.x with ipex-llm, not this environment's stack.
+    packages = record["environment"]["packages"]
+    assert "ipex-llm" in packages and packages["transformers"].startswith("4."), packages
+    facts = record["data"]["quant"]
+    assert facts == {"backend": "ipex", "bits": 4, "quant_type": "sym_int4", "double_quant": False,
+                     "quantized_layers": {"LowBitLinear": 2 * 7}}
+    assert record["data"]["eval_model"].startswith("adapter on sym_int4 base")  # ipex-llm cannot merge
+    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    first, last = log[0]["train/loss"], sum(x["train/loss"] for x in log[-3:]) / 3
+    assert last < first - 0.5, [x["train/loss"] for x in log]
+    assert record["gains"]["gain/loss"] < -0.5  # held-out loss fell too: the adapter learnt something
