@@ -1,7 +1,7 @@
 """``python -m analysis <command>``: turn trial records into tables a team can act on.
 
     python -m analysis ratios SWEEP_DIR... --keys cpu.allocator cpu.threads quant \\
-        --reference cpu.allocator=system cpu.threads=2 quant=none [--readme README.md]
+        --reference cpu.allocator=system cpu.threads=2 quant=none [--readme README.md [--block NAME]]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--reference", nargs="+", required=True, help="key=value of the reference setting")
     r.add_argument("--metrics", nargs="+", default=list(ratios.DEFAULT_METRICS))
     r.add_argument("--readme", type=Path, help="also write the table between the ratio markers of this file")
+    r.add_argument("--block", help="write between <!-- ratios:BLOCK:begin/end --> (several tables in one file)")
     args = parser.parse_args(argv)
 
     records = ratios.load_records(args.paths)
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         text = ratios.table(records, args.keys, dict(x.split("=", 1) for x in args.reference), args.metrics)
         if args.readme:
-            args.readme.write_text(ratios.replace_block(args.readme.read_text(), text))
+            args.readme.write_text(ratios.replace_block(args.readme.read_text(), text, args.block))
     except ValueError as exc:
         parser.error(str(exc))
     print(text)

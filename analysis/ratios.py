@@ -19,6 +19,13 @@ DEFAULT_METRICS = (M.TRAIN_TOKENS_PER_S, M.COST_PEAK_RSS_MB, M.EVAL_ROUGE[2])
 BEGIN, END = "<!-- ratios:begin -->", "<!-- ratios:end -->"
 
 
+def markers(block: str | None = None) -> tuple[str, str]:
+    """The pair of comments a table is written between; a named block lets one document hold several."""
+    if block is None:
+        return BEGIN, END
+    return f"<!-- ratios:{block}:begin -->", f"<!-- ratios:{block}:end -->"
+
+
 def load_records(paths: Iterable[Path]) -> list[dict[str, Any]]:
     """Completed trial records from result.json files or the sweep folders holding them."""
     out = []
@@ -64,10 +71,11 @@ def table(records: list[dict[str, Any]], keys: Sequence[str], reference: dict[st
     return "\n".join(lines)
 
 
-def replace_block(text: str, block: str) -> str:
-    """Put ``block`` between the ratio markers of a document (README), keeping everything else."""
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"the document has no {BEGIN} ... {END} markers to write the table between")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{block}\n{END}{tail}"
+def replace_block(text: str, table_text: str, block: str | None = None) -> str:
+    """Put ``table_text`` between the (named) ratio markers of a document, keeping everything else."""
+    begin, end = markers(block)
+    if begin not in text or end not in text:
+        raise ValueError(f"the document has no {begin} ... {end} markers to write the table between")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{table_text}\n{end}{tail}"

@@ -55,3 +55,13 @@ def test_cli_reads_sweep_dirs_skips_failures_and_rewrites_only_the_marked_block(
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old table" not in text
     assert out.strip() in text
+
+
+def test_named_blocks_let_one_readme_hold_several_tables():
+    a_begin, a_end = ratios.markers("cpu_quant")
+    b_begin, b_end = ratios.markers("backends")
+    doc = f"x\n{a_begin}\nA\n{a_end}\ny\n{b_begin}\nB\n{b_end}\nz\n"
+    out = ratios.replace_block(doc, "new B", "backends")
+    assert out == f"x\n{a_begin}\nA\n{a_end}\ny\n{b_begin}\nnew B\n{b_end}\nz\n"
+    with pytest.raises(ValueError, match="ratios:knobs:begin"):
+        ratios.replace_block(doc, "t", "knobs")
