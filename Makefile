@@ -9,8 +9,9 @@ IPEX_STAMP := $(IPEX_VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
 # Debian packages used for real: PostgreSQL (a study shared by several workers; started by the
-# tests), tcmalloc and jemalloc (cpu.allocator, preloaded into the worker).
-SYSTEM_PKGS := postgresql libgoogle-perftools4 libjemalloc2
+# tests), tcmalloc and jemalloc (cpu.allocator, preloaded into the worker), Chromium (the report's
+# PNG figures, and the test that opens the HTML report in a browser).
+SYSTEM_PKGS := postgresql libgoogle-perftools4 libjemalloc2 chromium
 
 .PHONY: setup ipex-venv system-deps sweep test lint clean-cache
 

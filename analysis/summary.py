@@ -1,0 +1,213 @@
+"""From a study's trials to a decision: merged repeats, feasibility, the front, two recommendations,
+hypervolume after each trial and parameter importance. Plain data; writing it out is report.py's job.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from analysis import pareto
+from analysis.constraints import Constraint
+from analysis.trials import StudyData, TrialRow
+from src import metrics as M
+
+
+@dataclass
+class Group:
+    """One configuration: a trial, or the repeats of one setting merged (mean and spread)."""
+    rows: list[TrialRow]
+    values: list[float]                       # mean of each objective, declared order
+    mean: dict[str, float]
+    std: dict[str, float]                     # sample standard deviation (0 for a single trial)
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def numbers(self) -> list[int]:
+        return [r.number for r in self.rows]
+
+    @property
+    def label(self) -> str:
+        return "#" + ",".join(str(n) for n in self.numbers)
+
+    @property
+    def overrides(self) -> list[str]:
+        return self.rows[0].overrides
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.rows[0].params
+
+    @property
+    def baseline(self) -> dict[str, float]:
+        return self.rows[0].baseline
+
+    @property
+    def feasible(self) -> bool:
+        return not self.violations
+
+
+@dataclass
+class Recommendation:
+    kind: str            # "knee" | "cheapest"
+    group: Group
+    why: str
+
+
+@dataclass
+class Summary:
+    data: StudyData
+    constraints: list[Constraint]
+    groups: list[Group]
+    front: list[Group]                        # feasible and non-dominated, by the first objective
+    recommendations: list[Recommendation]
+    quality: tuple[str, str]                  # (metric, direction) the tolerance is about
+    cost: str                                 # the metric "cheapest" minimises
+    tolerance: float
+    hypervolume: list[tuple[int, float]]      # (trial number, hypervolume of the front so far)
+    hv_reference: list[float] | None
+    importance: dict[str, dict[str, float]]   # objective -> param -> importance
+    importance_note: str | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def directions(self) -> list[str]:
+        return [d for _, d in self.data.objectives]
+
+    @property
+    def objective_names(self) -> list[str]:
+        return [n for n, _ in self.data.objectives]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def merge(rows: list[TrialRow]) -> list[Group]:
+    """Completed trials grouped by configuration, in the order their first trial ran."""
+    by_key: dict[str, list[TrialRow]] = {}
+    for row in rows:
+        by_key.setdefault(row.config_key(), []).append(row)
+    groups = []
+    for members in by_key.values():
+        names = sorted({k for r in members for k in r.metrics})
+        mean, std = {}, {}
+        for name in names:
+            values = [r.metrics[name] for r in members if name in r.metrics and math.isfinite(r.metrics[name])]
+            if values:
+                mean[name], std[name] = _mean_std(values)
+        n_obj = len(members[0].values or [])
+        values = [statistics.fmean(r.values[k] for r in members if r.values) for k in range(n_obj)]
+        groups.append(Group(members, values, mean, std))
+    return groups
+
+
+def _pick_axes(data: StudyData, quality: str | None, cost: str | None) -> tuple[tuple[str, str], str]:
+    objectives = dict(data.objectives)
+    if quality is None:
+        quality = next((n for n, _ in data.objectives if n in M.QUALITY), data.objectives[0][0])
+    if cost is None:
+        cost = next((n for n, d in data.objectives if n != quality and d == "minimize"), M.COST_TRAIN_S)
+    direction = objectives.get(quality) or ("minimize" if quality == M.EVAL_LOSS else "maximize")
+    return (quality, direction), cost
+
+
+def _cheapest(feasible: list[Group], quality: tuple[str, str], cost: str, tolerance: float) -> Recommendation | None:
+    name, direction = quality
+    scored = [g for g in feasible if name in g.mean and cost in g.mean]
+    if not scored:
+        return None
+    sign = 1.0 if direction == "maximize" else -1.0
+    best = max(sign * g.mean[name] for g in scored)
+    near = [g for g in scored if sign * g.mean[name] >= best - tolerance]
+    pick = min(near, key=lambda g: (g.mean[cost], -sign * g.mean[name], g.numbers[0]))
+    return Recommendation("cheapest", pick, (
+        f"lowest {cost} among the feasible configurations whose {name} is within {tolerance:g} of the best "
+        f"feasible value ({sign * best:.4g})"))
+
+
+def _importance(data: StudyData) -> tuple[dict[str, dict[str, float]], str | None]:
+    """Optuna's fANOVA importance of each searched param, for each objective.
+
+    Computed on a study rebuilt from the rows (ranges spanning the values tried) whatever the source,
+    so a report from the storage and one from the result.json files agree."""
+    import optuna
+
+    study = _study_from_rows(data)
+    completed = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    varied = {k for t in completed for k in t.params if len({repr(u.params.get(k)) for u in completed}) > 1}
+    if len(completed) < 2 or not varied:
+        return {}, "not computed: it needs at least 2 completed trials that differ in a searched parameter"
+    out: dict[str, dict[str, float]] = {}
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+    for index, (name, _) in enumerate(data.objectives):
+        def target(t: optuna.trial.FrozenTrial, i: int = index) -> float:
+            return float(t.values[i])
+
+        try:
+            out[name] = dict(optuna.importance.get_param_importances(
+                study, evaluator=evaluator, params=sorted(varied), target=target))
+        except (RuntimeError, ValueError) as exc:  # e.g. params absent from some trials' spaces
+            return {}, f"not computed: {exc}"
+    return out, "fANOVA (optuna.importance.FanovaImportanceEvaluator, seed 0) over the completed trials"
+
+
+def _study_from_rows(data: StudyData) -> Any:
+    """An in-memory Optuna study of the records, so importance is computed the same way for both sources."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    rows = data.completed
+    keys = sorted({k for r in rows for k in r.params})
+    dists: dict[str, Any] = {}
+    for k in keys:
+        values: list[Any] = [r.params[k] for r in rows if k in r.params]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            dists[k] = IntDistribution(min(values), max(values))
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            dists[k] = FloatDistribution(float(min(values)), float(max(values)))
+        else:
+            dists[k] = CategoricalDistribution(sorted({str(v) for v in values}))
+    directions: list[Any] = [d for _, d in data.objectives]
+    study = optuna.create_study(directions=directions)
+    for r in rows:
+        params = {k: (str(r.params[k]) if isinstance(dists[k], CategoricalDistribution) else r.params[k])
+                  for k in keys if k in r.params}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
+                                                  values=r.values))
+    return study
+
+
+def summarize(data: StudyData, constraints: list[Constraint], tolerance: float = 0.01,
+              quality: str | None = None, cost: str | None = None) -> Summary:
+    quality_axis, cost_metric = _pick_axes(data, quality, cost)
+    groups = merge(data.completed)
+    for g in groups:
+        g.violations = [v for c in constraints if (v := c.check(g.mean, g.baseline)) is not None]
+    feasible = [g for g in groups if g.feasible]
+    directions = [d for _, d in data.objectives]
+    front = [feasible[i] for i in pareto.pareto_indices([g.values for g in feasible], directions)]
+    front.sort(key=lambda g: (g.values[0] * (-1 if directions[0] == "maximize" else 1), g.numbers[0]))
+    recs = []
+    notes = []
+    if front:
+        k, method = pareto.knee_index([g.values for g in front], directions)
+        recs.append(Recommendation("knee", front[k], f"knee of the front: {method}"))
+    elif groups:
+        notes.append("no completed configuration satisfies every constraint: nothing to recommend")
+    cheapest = _cheapest(feasible, quality_axis, cost_metric, tolerance)
+    if cheapest is not None:
+        recs.append(cheapest)
+
+    completed = sorted(data.completed, key=lambda r: r.number)
+    history: list[tuple[int, float]] = []
+    reference = None
+    if completed:
+        reference = pareto.reference_point([r.values or [] for r in completed], directions)
+        curve = pareto.hypervolume_history([r.values or [] for r in completed], directions, reference)
+        history = list(zip([r.number for r in completed], curve, strict=True))
+    importance, importance_note = _importance(data)
+    return Summary(data, constraints, groups, front, recs, quality_axis, cost_metric, tolerance, history,
+                   reference, importance, importance_note, notes)

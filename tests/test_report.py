@@ -1,0 +1,186 @@
+"""The Pareto report of a small hand-made study: same table from storage and records, golden
+Markdown and CSV, recommended configs that reproduce their trial, and the HTML rendered in a real
+headless Chromium."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from analysis import report, trials
+from analysis.__main__ import main
+from analysis.summary import summarize
+from src.config import PROJECT_ROOT
+from tests.report_study import STUDY, write_records, write_study
+from tests.system import require
+
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE = os.environ.get("PARETUNE_UPDATE_GOLDEN") == "1"   # regenerate the golden files, then review the diff
+
+
+@pytest.fixture
+def handmade(tmp_path: Path) -> tuple[Path, str]:
+    storage = str(tmp_path / "studies" / "paretune.journal")
+    (tmp_path / "studies").mkdir()
+    write_study(tmp_path / "sweep", storage)
+    return tmp_path, storage
+
+
+def _golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if UPDATE:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert text == path.read_text(), f"{name} differs from its golden copy (PARETUNE_UPDATE_GOLDEN=1 regenerates)"
+
+
+def _report(args: list[str], capsys) -> str:
+    assert main(["report", *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_storage_and_records_give_the_same_table(handmade, capsys):
+    root, storage = handmade
+    _report(["--study", STUDY, "--storage", storage, "--out", str(root / "a"), "--no-png"], capsys)
+    _report([str(root / "sweep"), "--out", str(root / "b"), "--no-png"], capsys)
+    a, b = (root / "a" / "trials.csv").read_text(), (root / "b" / "trials.csv").read_text()
+    assert a == b
+    rows = list(csv.DictReader(a.splitlines()))
+    assert [r["status"] for r in rows].count("completed") == 7
+    # failures and pruned trials are listed with their reasons, not dropped
+    failed = {r["trial"]: r["error"] for r in rows if r["status"] != "completed"}
+    assert failed == {"4": "worker killed by SIGKILL (often the kernel's out-of-memory killer)",
+                      "7": "no better than the median at step 4"}
+    strip = re.compile(r"^- Source: .*$", re.M)
+    md_a = strip.sub("", (root / "a" / "report.md").read_text().replace(str(root / "a"), "<out>"))
+    md_b = strip.sub("", (root / "b" / "report.md").read_text().replace(str(root / "b"), "<out>"))
+    assert md_a == md_b
+
+
+def test_golden_summary_and_csv(handmade, capsys):
+    root, storage = handmade
+    out = root / "report"
+    _report(["--study", STUDY, "--storage", storage, "--out", str(out), "--no-png"], capsys)
+    _golden("handmade_report.md", (out / "report.md").read_text().replace(str(root), "<tmp>"))
+    _golden("handmade_trials.csv", (out / "trials.csv").read_text())
+
+
+def test_constraints_change_the_feasible_set_and_bad_ones_stop_early(handmade, capsys):
+    root, storage = handmade
+    out = _report(["--study", STUDY, "--storage", storage, "--out", str(root / "r"), "--no-png",
+                   "--constraint", "cost/peak_rss_mb <= 4500", "--constraint", "eval/rougeL >= baseline + 0.095"],
+                  capsys)
+    # r=16 (4800 MB) and r=32 are out on memory; r=8 nf4 (0.19) is short of baseline + 0.095 = 0.195
+    assert "trial #1,5: cost/peak_rss_mb = 4800, needs <= 4500" in out
+    assert "trial #8: eval/rougeL = 0.19, needs >= 0.195" in out
+    front = out.split("## Pareto front")[1].split("##")[0]
+    assert re.findall(r"^\| (#[\d,]+) \|", front, re.M) == ["#0"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", "--study", STUDY, "--storage", storage, "--constraint", "rougeL >= 1"])
+    assert exit_.value.code == 2
+    assert "unknown metric 'rougeL'" in capsys.readouterr().err
+    assert not (PROJECT_ROOT / "reports" / STUDY).exists()  # nothing was written
+
+
+def test_unknown_study_lists_the_studies_there(handmade, capsys):
+    _, storage = handmade
+    with pytest.raises(SystemExit):
+        main(["report", "--study", "nope", "--storage", storage])
+    err = capsys.readouterr().err
+    assert "no study named 'nope'" in err and f"studies there: ['{STUDY}']" in err
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    proc = subprocess.run([sys.executable, "-m", "src.train", *args, "--cfg", "job"], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_recommended_configs_reproduce_their_trial(handmade, capsys):
+    root, storage = handmade
+    out = root / "report"
+    text = _report(["--study", STUDY, "--storage", storage, "--out", str(out), "--no-png"], capsys)
+    command = r"(python -m src.train [^\n]*)\n"
+    knee = re.search(r"\*\*knee\*\*.*?```bash\n" + command + command, text, re.S)
+    assert knee, text
+    by_overrides = knee.group(1).split()[3:]
+    by_config = knee.group(2).split()[3:]
+    assert by_overrides == ["sweep=none", "lora.r=16", "train.lr=0.001", "quant=none"]
+    assert by_config == ["--config-dir", str(out), "+recommended=knee"]
+    assert (out / "recommended" / "knee.yaml").exists()
+    assert _run(by_config, root) == _run(by_overrides, root)
+    # a config with a group choice other than the default: the nf4 trial
+    from analysis import configs
+
+    path, _ = configs.write(out, "nf4", ["sweep=none", "lora.r=8", "train.lr=0.001", "quant=bnb_nf4"], "test")
+    assert "override /quant: bnb_nf4" in path.read_text()
+    assert _run(["--config-dir", str(out), "+recommended=nf4"], root) == _run(
+        ["lora.r=8", "train.lr=0.001", "quant=bnb_nf4"], root)
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        require("Chromium", "Debian package chromium; make setup installs it as root")
+    return str(found)
+
+
+def test_html_renders_offline_in_headless_chromium(handmade, capsys):
+    """The self-contained HTML, opened with no network, draws the scatter with every point."""
+    browser = _chromium()
+    root, storage = handmade
+    out = root / "report"
+    _report(["--study", STUDY, "--storage", storage, "--out", str(out)], capsys)
+    page = (out / "report.html").read_text()
+    assert "<script src=\"http" not in page  # plotly.js is inline, nothing is fetched
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+             f"--user-data-dir={root / 'chromium-profile'}", "--virtual-time-budget=20000"]
+    dom = subprocess.run([browser, *flags, "--dump-dom", (out / "report.html").as_uri()],
+                         capture_output=True, text=True, timeout=180).stdout
+    scatter = dom.split('id="fig-scatter"')[1].split('id="fig-parallel"')[0]
+    traces = re.findall(r'<g class="trace scatter.*?(?=<g class="trace scatter|$)', scatter, re.S)
+    points = [len(re.findall(r'<path class="point"', t)) for t in traces]
+    # infeasible #6, feasible #3, the front (#2, #1+5, #0, #8), the knee and the cheapest markers
+    assert points == [1, 1, 4, 1, 1], points
+    assert 'class="parcoords"' in dom or "parcoords" in dom.split('id="fig-parallel"')[1][:20000]
+    shot = root / "shot.png"
+    subprocess.run([browser, *flags, "--window-size=1100,4000", f"--screenshot={shot}", (out / "report.html").as_uri()],
+                   capture_output=True, timeout=180)
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    red = int((np.abs(pixels - np.array([0xD6, 0x27, 0x28])).max(axis=2) < 12).sum())
+    assert red > 200, f"only {red} pixels of the front's colour: the scatter did not draw"
+    # the PNG figures were written too (kaleido drives the same Chromium)
+    assert {p.name for p in (out / "figures").glob("*.png")} == {"scatter.png", "parallel.png", "hypervolume.png",
+                                                                 "cost.png"}
+
+
+def test_compare_puts_both_fronts_on_one_plot(tmp_path, capsys):
+    storage = str(tmp_path / "a.journal")
+    write_study(tmp_path / "a", storage)
+    other = write_records(tmp_path / "b")
+    out = tmp_path / "cmp"
+    assert main(["compare", STUDY, str(other), "--storage", storage, "--out", str(out), "--no-png"]) == 0
+    html = (out / "compare.html").read_text()
+    assert html.count('"name":"A: handmade (front)"') == 1 and html.count('"name":"B: handmade (front)"') == 1
+    md = (out / "compare.md").read_text()
+    assert md.count("| #1,5 | 0.24 | 155 |") == 2  # the same trials on both sides: the same front
+
+
+def test_records_of_other_studies_are_left_out(tmp_path):
+    write_records(tmp_path / "sweep")
+    data = trials.from_records([tmp_path / "sweep"], STUDY)
+    assert len(data.rows) == 9
+    with pytest.raises(ValueError, match="no result.json of study 'other'"):
+        trials.from_records([tmp_path / "sweep"], "other")
+    assert report.machine(summarize(data, []))[0].startswith("Test CPU 9000; 2 logical CPUs")
