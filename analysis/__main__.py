@@ -51,9 +51,11 @@ def _load(source: str | None, paths: list[Path], storage: str):  # type: ignore[
 def _summarize(data, args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from analysis import constraints
     from analysis.summary import summarize
+    from src import metrics as M
 
-    known = {m for r in data.rows for m in r.metrics} | {n for n, _ in data.objectives}
-    given = [constraints.parse(c, frozenset(known) or constraints.M.ALL) for c in args.constraint]
+    # The project's metric names, and whatever else the trials measured (e.g. a newer metric).
+    known = frozenset(M.ALL | {m for r in data.rows for m in r.metrics} | {n for n, _ in data.objectives})
+    given = [constraints.parse(c, known) for c in args.constraint]
     floor = [] if args.no_quality_floor else constraints.quality_floor(data.objectives)
     return summarize(data, [*floor, *given], args.tolerance, args.quality, args.cost)
 

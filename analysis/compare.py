@@ -22,11 +22,11 @@ def figure(a: Summary, b: Summary) -> go.Figure:
         fig.add_trace(go.Scatter(x=[g.mean[cost] for g in groups], y=[g.mean[quality] for g in groups],
                                  mode="markers", name=f"{tag}: {s.data.name} (all)", opacity=0.35,
                                  marker={"color": color, "size": 8},
-                                 hovertext=[figures._hover(g, s) for g in groups], hoverinfo="text"))
+                                 hovertext=[figures.hover(g, s) for g in groups], hoverinfo="text"))
         fig.add_trace(go.Scatter(x=[g.mean[cost] for g in front], y=[g.mean[quality] for g in front],
                                  mode="markers+lines", name=f"{tag}: {s.data.name} (front)",
                                  marker={"color": color, "size": 12}, line={"color": color},
-                                 hovertext=[figures._hover(g, s) for g in front], hoverinfo="text"))
+                                 hovertext=[figures.hover(g, s) for g in front], hoverinfo="text"))
     fig.update_layout(**figures.LAYOUT, title=f"{quality} against {cost}: {a.data.name} vs {b.data.name}",
                       xaxis_title=f"{cost} (lower is better)", yaxis_title=quality)
     return fig

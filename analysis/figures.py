@@ -17,7 +17,7 @@ LAYOUT: dict[str, Any] = {"template": "plotly_white", "width": 900, "height": 56
                           "font": {"size": 13}, "margin": {"l": 70, "r": 30, "t": 60, "b": 60}}
 
 
-def _hover(g: Group, s: Summary) -> str:
+def hover(g: Group, s: Summary) -> str:
     lines = [f"<b>trial {html.escape(g.label)}</b>" + (f" ({len(g.rows)} runs, mean)" if len(g.rows) > 1 else "")]
     lines += [f"{html.escape(k)} = {html.escape(str(v))}" for k, v in g.params.items()]
     shown = [*s.objective_names, s.quality[0], s.cost, M.COST_PEAK_RSS_MB, M.COST_USD]
@@ -50,12 +50,12 @@ def scatter(s: Summary) -> go.Figure:
             line={"dash": "dot", "color": color},
             error_x={"type": "data", "array": [g.std.get(cost, 0.0) for g in members], "visible": True},
             error_y={"type": "data", "array": [g.std.get(quality, 0.0) for g in members], "visible": True},
-            text=[g.label for g in members], hovertext=[_hover(g, s) for g in members], hoverinfo="text"))
+            text=[g.label for g in members], hovertext=[hover(g, s) for g in members], hoverinfo="text"))
     for rec, symbol in zip(s.recommendations, ("star", "diamond"), strict=False):
         g = rec.group
         if quality in g.mean and cost in g.mean:
             fig.add_trace(go.Scatter(x=[g.mean[cost]], y=[g.mean[quality]], name=f"recommended: {rec.kind}",
-                                     mode="markers", hovertext=[_hover(g, s)], hoverinfo="text",
+                                     mode="markers", hovertext=[hover(g, s)], hoverinfo="text",
                                      marker={"symbol": symbol, "size": 20, "color": "rgba(0,0,0,0)",
                                              "line": {"width": 2.5, "color": "black"}}))
     floors = {g.baseline.get(M.baseline_name(quality)) for g in s.groups if quality in M.QUALITY}
