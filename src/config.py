@@ -202,6 +202,11 @@ class EvalConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    owner_only: bool = MISSING
+
+
+@dataclass
 class LoggerConfig:
     backend: LoggerBackend = MISSING
     mode: WandbMode = MISSING
@@ -253,6 +258,7 @@ class TrialConfig:
     eval: EvalConfig = MISSING
     logger: LoggerConfig = MISSING
     cost: CostConfig = MISSING
+    privacy: PrivacyConfig = MISSING
     objectives: list[Objective] = MISSING
     paths: PathsConfig = MISSING
     # Set by the sweepers on each job: which Optuna study and trial it is, which keys were searched.

@@ -21,7 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from src import cpu, data, quant, results, runtime, tracking
+from src import cpu, data, privacy, quant, results, runtime, tracking
 from src.config import PROJECT_ROOT, ConfigError, register_configs, to_plain, validate
 from src.results import TrialResult
 from src.worker import CONFIG_FILE
@@ -71,6 +71,10 @@ def run_trial(cfg: DictConfig, trial_dir: Path, trial: dict[str, Any]) -> TrialR
     cfg = OmegaConf.create(to_plain(cfg))
     trial_dir = trial_dir.resolve()
     trial_dir.mkdir(parents=True, exist_ok=True)
+    storage = Path(str(cfg.paths.study_storage))
+    privacy.apply(bool(cfg.privacy.owner_only), trial_dir,
+                  top=trial_dir.parent if trial.get("job_num") is not None else trial_dir,
+                  extra=() if "://" in str(cfg.paths.study_storage) else (storage,))
     (trial_dir / results.RESULT_FILE).unlink(missing_ok=True)  # never read back a stale record
     trial = {**trial, "dir": str(trial_dir), "records": counts, "environment": git_state(),
              "started_at": datetime.now(UTC).isoformat(timespec="seconds")}
