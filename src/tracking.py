@@ -66,6 +66,16 @@ def _train_rows(trial_dir: Path, result: TrialResult) -> list[dict[str, float]]:
     return [json.loads(line) for line in (trial_dir / name).read_text().splitlines() if line.strip()]
 
 
+def wandb_settings() -> Any:
+    """What W&B may collect: the metrics and config we log, nothing from the machine or the process.
+    No console capture (it would copy the log), no system stats, no git state or code, and no
+    metadata (x_disable_meta): that holds the command line, which can carry a storage password."""
+    import wandb
+
+    return wandb.Settings(console="off", x_disable_stats=True, x_disable_meta=True, disable_git=True,
+                          save_code=False, silent=True)
+
+
 def log_wandb(result: TrialResult, trial_dir: Path, lcfg: Any) -> None:
     import wandb
 
@@ -75,11 +85,9 @@ def log_wandb(result: TrialResult, trial_dir: Path, lcfg: Any) -> None:
     if study.get("name"):
         config["study"] = study  # name, Optuna trial number and the searched params
     with wandb_dirs(trial_dir):
-        settings = wandb.Settings(console="off", x_disable_stats=True, disable_git=True, save_code=False,
-                                  silent=True)
         run = wandb.init(project=lcfg.project, entity=lcfg.entity, group=group, name=result.trial.get("id"),
                          job_type="trial", config=config, mode=lcfg.mode, dir=str(trial_dir),
-                         reinit="create_new", settings=settings)
+                         reinit="create_new", settings=wandb_settings())
         try:
             for row in _train_rows(trial_dir, result):
                 step = int(row.pop("step"))

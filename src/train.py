@@ -21,7 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from src import cpu, data, privacy, quant, results, runtime, tracking
+from src import cpu, data, privacy, quant, redact, results, runtime, tracking
 from src.config import PROJECT_ROOT, ConfigError, register_configs, to_plain, validate
 from src.results import TrialResult
 from src.worker import CONFIG_FILE
@@ -137,6 +137,8 @@ register_configs()
 def main(cfg: DictConfig) -> list[float] | None:
     """Run one trial; return its objectives in declared order, or None when it did not complete."""
     trial_dir, info = trial_identity(cfg)
+    # Hydra has already dumped the command line into .hydra/: a storage URL's password must not stay there.
+    redact.scrub_files(trial_dir / ".hydra")
     try:
         result = run_trial(cfg, trial_dir, info)
     except (ConfigError, data.DataError) as exc:

@@ -43,3 +43,36 @@ def test_standard_keeps_the_usual_permissions(tmp_path, data_root, cache_dir):
         os.umask(old)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert stat.S_IMODE((tmp_path / "run" / "result.json").stat().st_mode) == 0o644
+
+
+WANDB_CANARY = "canary-wandb-key-0123456789abcdef0123456789abcdef"
+
+
+def _files_containing(root: Path, needle: str) -> list[str]:
+    hits = []
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath) / name
+            try:
+                if needle.encode() in path.read_bytes():
+                    hits.append(str(path.relative_to(root)))
+            except OSError:
+                pass
+    return hits
+
+
+def test_planted_secrets_appear_in_no_written_file(tmp_path, data_root, cache_dir, pg):
+    """A W&B key in the environment and a storage password on the command line: neither is in any file
+    the sweep writes (records, .hydra/ dumps, logs, W&B files, multirun.yaml), nor in its output."""
+    password = pg.url.split(":")[2].split("@")[0]
+    assert len(password) >= 8
+    proc = run_cli(["-m", *TINY, f"data.root={data_root}", f"paths.cache_dir={cache_dir}", "lora.r=2,4",
+                    f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.sweeper.storage={pg.url}",
+                    "hydra.sweeper.study_name=canary"], cwd=tmp_path, env={"WANDB_API_KEY": WANDB_CANARY})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "sweep" / "1" / "result.json").exists()
+    for secret in (password, WANDB_CANARY):
+        assert _files_containing(tmp_path, secret) == []
+        assert secret not in proc.stdout and secret not in proc.stderr
+    hydra_dump = (tmp_path / "sweep" / "0" / ".hydra" / "hydra.yaml").read_text()
+    assert "postgresql://" in hydra_dump and ":***@" in hydra_dump  # masked, not dropped

@@ -67,7 +67,7 @@ def wandb_summary(study: optuna.Study, names: list[str], sweep_dir: Path, logger
     logger = OmegaConf.create(OmegaConf.to_container(logger, resolve=True, enum_to_str=True))
     if logger.backend != "wandb" or logger.mode == "disabled":
         return
-    from src.tracking import wandb_dirs
+    from src.tracking import wandb_dirs, wandb_settings
 
     try:
         import wandb
@@ -80,8 +80,7 @@ def wandb_summary(study: optuna.Study, names: list[str], sweep_dir: Path, logger
                              name=f"{study.study_name}-summary", job_type="study", mode=logger.mode,
                              dir=str(sweep_dir), reinit="create_new",
                              config={"study": study.study_name, "objectives": names},
-                             settings=wandb.Settings(console="off", x_disable_stats=True, disable_git=True,
-                                                     save_code=False, silent=True))
+                             settings=wandb_settings())
             try:
                 table = wandb.Table(columns=columns, data=rows)
                 front = wandb.Table(columns=columns, data=[r for r in rows if r[1]])
