@@ -188,6 +188,7 @@ class TrainConfig:
     seed: int = MISSING
     log_every: int = MISSING
     worker_timeout_s: float = MISSING
+    memory_limit_mb: int | None = MISSING
 
 
 @dataclass
@@ -365,6 +366,8 @@ def _check_train(t: DictConfig, errors: list[str]) -> None:
     _range(errors, "train.seed", t.seed, 0, 2**32 - 1)
     _range(errors, "train.log_every", t.log_every, 1)
     _range(errors, "train.worker_timeout_s", t.worker_timeout_s, 0, lo_open=True)
+    # Below about 1.5 GB the worker cannot even import torch and transformers.
+    _range(errors, "train.memory_limit_mb", t.memory_limit_mb, 1536, allow_none=True)
 
 
 def _check_lora(cfg: DictConfig, errors: list[str]) -> None:

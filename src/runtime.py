@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -46,6 +47,20 @@ def worker_env(cfg: Any, base: dict[str, str] | None = None) -> dict[str, str]:
         env["HF_HUB_OFFLINE"] = "1"
         env["TRANSFORMERS_OFFLINE"] = "1"
     return env
+
+
+def limits(memory_limit_mb: int | None, then: Callable[[], None] | None = None) -> Callable[[], None] | None:
+    """A pre-exec hook capping the worker's address space (RLIMIT_AS), then running ``then``."""
+    if memory_limit_mb is None:
+        return then
+
+    def apply() -> None:
+        limit = int(memory_limit_mb) * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        if then is not None:
+            then()
+
+    return apply
 
 
 def allocator_in_effect(maps: Path = Path("/proc/self/maps")) -> str:

@@ -82,7 +82,8 @@ def run_trial(cfg: DictConfig, trial_dir: Path, trial: dict[str, Any]) -> TrialR
     (trial_dir / CONFIG_FILE).write_text(json.dumps(plain, indent=2))
 
     timeout_s = float(cfg.train.worker_timeout_s)
-    exit_ = runtime.run_worker(trial_dir, runtime.worker_env(cfg), timeout_s, preexec=cpu.preexec(cfg.cpu),
+    preexec = runtime.limits(cfg.train.memory_limit_mb, then=cpu.preexec(cfg.cpu))
+    exit_ = runtime.run_worker(trial_dir, runtime.worker_env(cfg), timeout_s, preexec=preexec,
                                python=quant.worker_python(cfg.quant, cfg.paths.ipex_python))
     try:
         result = results.read(trial_dir)

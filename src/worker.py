@@ -233,6 +233,21 @@ def run(t: Trial) -> None:
                      worker_wall_s=time.perf_counter() - t.started)
 
 
+# How torch and the allocators report an allocation that failed.
+_OOM_MARKERS = ("can't allocate memory", "cannot allocate memory", "std::bad_alloc", "out of memory")
+
+
+def _describe(exc: BaseException, cfg: DictConfig) -> str:
+    """The failure in words; running out of memory says so, with the limit that was hit."""
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, MemoryError) or any(m in message.lower() for m in _OOM_MARKERS):
+        limit = cfg.train.get("memory_limit_mb")
+        where = f"the train.memory_limit_mb={limit} limit" if limit else "the machine's memory"
+        return (f"out of memory: the trial needed more than {where}; lower train.batch_size or "
+                f"train.max_seq_len, set train.gradient_checkpointing=true, or raise the limit ({message})")
+    return message
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m src.worker <trial_dir>", file=sys.stderr)
@@ -245,9 +260,10 @@ def main(argv: list[str]) -> int:
         run(t)
         result = t.record("completed")
     except BaseException as exc:  # noqa: BLE001 - every failure must end up in the record
-        log.error("trial failed: %s: %s", type(exc).__name__, exc)
+        message = _describe(exc, t.cfg)
+        log.error("trial failed: %s: %s", type(exc).__name__, message)
         t.timings["worker_wall_s"] = time.perf_counter() - t.started
-        result = t.record("failed", {"type": type(exc).__name__, "message": str(exc),
+        result = t.record("failed", {"type": type(exc).__name__, "message": message,
                                      "traceback": traceback.format_exc()})
     results.write(tdir, result)
     return 0 if result.status == "completed" else 1

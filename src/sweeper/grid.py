@@ -61,7 +61,10 @@ class GridSweeper(StudySweeper):
                          len(todo) - len(kept), len(todo), study.study_name)
             todo = kept
         outcome.planned = len(todo)
-        size = self.max_batch_size or max(len(todo), 1)
+        # Batches of n_jobs by default: the failure limit is checked after each batch, so with the
+        # sequential launcher a sweep stops right after the failure that crosses it, and no trial is
+        # asked (and held RUNNING) long before it starts.
+        size = self.max_batch_size or self.n_jobs
         for start in range(0, len(todo), size):
             batch = []
             with self.lock(study):

@@ -1,0 +1,124 @@
+"""Faults injected for real into a trial's worker: an exception, a memory limit, SIGKILL, a hang.
+Each becomes a failed trial with its reason, the next trial runs, and the failure limit holds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+
+from tests.conftest import TINY
+
+# A model too big for the memory limit below (about 1.5 GB of fp32 weights), and a limit that still
+# lets the worker import torch and transformers.
+BIG = ["model.shape.hidden_size=2048", "model.shape.intermediate_size=8192", "model.shape.num_layers=4",
+       "model.shape.num_heads=16", "model.shape.num_kv_heads=4"]
+LIMIT_MB = 2500
+
+
+def _cmd(tmp_path: Path, data_root: Path, cache_dir: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "src.train", *args, *TINY, f"data.root={data_root}",
+            f"paths.cache_dir={cache_dir}", "logger=none"]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "PARETUNE_STUDY_STORAGE": str(tmp_path / "studies" / "paretune.journal")}
+
+
+def _records(sweep: Path) -> dict[int, dict]:
+    return {int(p.parent.name): json.loads(p.read_text()) for p in sweep.glob("*/result.json")}
+
+
+def test_each_worker_fault_is_a_failed_trial_and_the_sweep_goes_on(tmp_path, data_root, cache_dir):
+    """One sweep, three trials: the worker raises (a layer that does not exist), runs out of memory
+    under a real RLIMIT_AS, then a healthy trial completes."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(_cmd(tmp_path, data_root, cache_dir, "--config-dir", str(_fault_configs(tmp_path)),
+                               "-m", f"hydra.sweep.dir={sweep}", "hydra.sweeper.max_failure_rate=0.9",
+                               f"train.memory_limit_mb={LIMIT_MB}", "+fault=raises,oom,none"),
+                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = _records(sweep)
+    assert [records[i]["status"] for i in range(3)] == ["failed", "failed", "completed"]
+    assert "no_such_layer" in records[0]["error"]["message"]
+    oom = records[1]["error"]
+    assert oom["message"].startswith(f"out of memory: the trial needed more than the train.memory_limit_mb={LIMIT_MB}")
+    study = optuna.load_study(study_name=_study_name(sweep), storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "studies" / "paretune.journal"))))
+    states = [t.state.name for t in sorted(study.trials, key=lambda t: t.number)]
+    assert states == ["FAIL", "FAIL", "COMPLETE"]
+    assert "out of memory" in study.trials[1].user_attrs["error"]
+
+
+def _study_name(sweep: Path) -> str:
+    import yaml
+
+    return yaml.safe_load((sweep / "multirun.yaml").read_text())["hydra"]["sweeper"]["study_name"]
+
+
+def _fault_configs(tmp_path: Path) -> Path:
+    """A `fault` config group: each option breaks one trial in its own way (none: a healthy trial)."""
+    root = tmp_path / "faults"
+    (root / "fault").mkdir(parents=True, exist_ok=True)
+    (root / "fault" / "none.yaml").write_text("# @package _global_\n{}\n")
+    (root / "fault" / "raises.yaml").write_text("# @package _global_\nlora:\n  target_modules: [no_such_layer]\n")
+    shape = "\n".join(f"    {o.split('=')[0].split('.')[-1]}: {o.split('=')[1]}" for o in BIG)
+    (root / "fault" / "oom.yaml").write_text(f"# @package _global_\nmodel:\n  shape:\n{shape}\n")
+    return root
+
+
+def _worker_pid(trial_dir: Path, timeout_s: float = 120) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"src.worker" in argv and str(trial_dir).encode() in argv:
+                return int(entry.name)
+        time.sleep(0.2)
+    raise AssertionError("the worker never started")
+
+
+def test_a_worker_killed_by_sigkill_is_a_failed_trial_and_the_next_runs(tmp_path, data_root, cache_dir):
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen(_cmd(tmp_path, data_root, cache_dir, "-m", f"hydra.sweep.dir={sweep}",
+                                 "hydra.sweeper.max_failure_rate=0.9", "lora.r=2,4", "train.max_steps=40"),
+                            cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        pid = _worker_pid((sweep / "0").resolve())
+        time.sleep(3)  # mid-trial
+        os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    records = _records(sweep)
+    assert records[0]["status"] == "failed" and records[0]["error"]["message"].startswith("worker killed by SIGKILL")
+    assert records[1]["status"] == "completed"
+    assert not list(sweep.rglob(".result.json.*.tmp"))  # no half-written record left behind
+
+
+def test_a_hung_worker_is_killed_at_its_budget_and_the_failure_limit_stops_the_sweep(tmp_path, data_root,
+                                                                                     cache_dir):
+    """Two trials that outlive train.worker_timeout_s; with max_failure_rate=0 the sweep stops after the
+    first, says why, and the second never starts."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(_cmd(tmp_path, data_root, cache_dir, "-m", f"hydra.sweep.dir={sweep}",
+                               "hydra.sweeper.max_failure_rate=0", "train.worker_timeout_s=2", "lora.r=2,4"),
+                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "max_failure_rate" in proc.stderr, proc.stderr[-3000:]
+    records = _records(sweep)
+    assert list(records) == [0]
+    assert records[0]["error"]["message"] == "worker killed after the 2 s timeout (train.worker_timeout_s)"
