@@ -122,3 +122,30 @@ def test_a_hung_worker_is_killed_at_its_budget_and_the_failure_limit_stops_the_s
     records = _records(sweep)
     assert list(records) == [0]
     assert records[0]["error"]["message"] == "worker killed after the 2 s timeout (train.worker_timeout_s)"
+
+
+def test_postgresql_restarted_under_two_workers_loses_and_doubles_nothing(tmp_path, pg):
+    """The server restarts (fast shutdown: open connections are cut) while two workers share a study:
+    both finish, every trial is counted once, none is lost or left running."""
+    from tests.test_study import SPACE, check_study, load, sweep
+
+    name, n = "pg-restart", 12
+    args = [*SPACE, f"hydra.sweeper.n_trials={n}", f"hydra.sweeper.study_name={name}", "sleep_s=0.5"]
+    procs = [sweep(tmp_path, pg.url, *args, sweep_dir=f"w{i}", wait=False) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list(tmp_path.glob("w*/*/result.json"))) < 3:
+            time.sleep(0.2)
+        pg.restart()
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert any("database unavailable" in err for _, err in outs)  # the restart did cut a call in flight
+    study = load(pg.url, name)
+    check_study(study, n)
+    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    assert len({json.dumps(t.params, sort_keys=True) for t in study.trials}) == n

@@ -29,6 +29,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from src.redact import mask_url
+from src.sweeper.retry import TRANSIENT, RetryingRDBStorage, retrying
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,13 @@ def _create_rdb(url: str) -> optuna.storages.RDBStorage:
     import sqlalchemy as sa
 
     if not url.startswith("postgresql"):
-        return optuna.storages.RDBStorage(url)
+        return RetryingRDBStorage(url)
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     try:
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": _LOCK_KEY_SCHEMA})
             try:
-                storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+                storage = RetryingRDBStorage(url, engine_kwargs={"pool_pre_ping": True})
             finally:
                 conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY_SCHEMA})
     finally:
@@ -120,13 +121,25 @@ def study_lock(storage: optuna.storages.BaseStorage, storage_spec: str, study_na
         import sqlalchemy as sa
 
         key = _LOCK_KEY_ASK ^ int(hashlib.sha256(study_name.encode()).hexdigest()[:7], 16)
-        with storage.engine.connect() as conn:
-            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+
+        def lock() -> sa.Connection:
+            conn = storage.engine.connect()
             try:
-                yield
-            finally:
+                conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        conn = retrying(lock, lambda: RetryingRDBStorage.retry_s, "the study lock")()
+        try:
+            yield
+        finally:
+            # A server that restarted meanwhile has already dropped the lock with the session.
+            with contextlib.suppress(*TRANSIENT):
                 conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
                 conn.commit()
+            conn.close()
         return
     target = storage_spec.split(":///", 1)[-1] if _is_url(storage_spec) else storage_spec
     with FileLock(f"{Path(target).expanduser()}.{hashlib.sha256(study_name.encode()).hexdigest()[:8]}.lock"):
