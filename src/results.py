@@ -85,9 +85,17 @@ def _umask() -> int:
     return mask
 
 
+class RecordError(OSError):
+    """A trial's files could not be written (a full disk, a read-only or vanished folder)."""
+
+
 def write(trial_dir: Path, result: TrialResult) -> Path:
     path = Path(trial_dir) / RESULT_FILE
-    atomic_write_json(path, result.to_dict())
+    try:
+        atomic_write_json(path, result.to_dict())
+    except OSError as exc:
+        raise RecordError(f"cannot write {path}: {exc.strerror or exc}; free space or fix the folder, then run the "
+                          "same command again (a sweep resumes, earlier records are untouched)") from exc
     return path
 
 

@@ -7,6 +7,7 @@ be chosen before torch loads, and Hydra's launchers reuse one process for every 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import resource
@@ -98,15 +99,27 @@ class WorkerExit:
 
 def _tee(src: io.BufferedReader, log_path: Path, echo: BinaryIO) -> None:
     # Chunks, not lines: progress bars redraw with carriage returns and must reach the terminal live.
-    with open(log_path, "ab") as log:
-        while chunk := src.read1(4096):
-            log.write(chunk)
-            log.flush()
+    # The pipe is drained to the end whatever happens to the log (a full disk): a worker blocked on a
+    # full pipe would hang until its timeout instead of failing at once.
+    try:
+        log: BinaryIO | None = open(log_path, "ab")  # noqa: SIM115 - closed below, after the drain
+    except OSError:
+        log = None
+    while chunk := src.read1(4096):
+        if log is not None:
             try:
-                echo.write(chunk)
-                echo.flush()
-            except (OSError, ValueError):
-                pass
+                log.write(chunk)
+                log.flush()
+            except OSError:
+                log = None
+        try:
+            echo.write(chunk)
+            echo.flush()
+        except (OSError, ValueError):
+            pass
+    if log is not None:
+        with contextlib.suppress(OSError):
+            log.close()
 
 
 def _tail(path: Path, n_bytes: int = 4000) -> str:

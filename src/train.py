@@ -79,7 +79,11 @@ def run_trial(cfg: DictConfig, trial_dir: Path, trial: dict[str, Any]) -> TrialR
     trial = {**trial, "dir": str(trial_dir), "records": counts, "environment": git_state(),
              "started_at": datetime.now(UTC).isoformat(timespec="seconds")}
     plain = {**to_plain(cfg), "trial": trial}
-    (trial_dir / CONFIG_FILE).write_text(json.dumps(plain, indent=2))
+    try:
+        (trial_dir / CONFIG_FILE).write_text(json.dumps(plain, indent=2))
+    except OSError as exc:
+        raise results.RecordError(f"cannot write {trial_dir / CONFIG_FILE}: {exc.strerror or exc}; free space or "
+                                  "fix the folder, then run the same command again") from exc
 
     timeout_s = float(cfg.train.worker_timeout_s)
     preexec = runtime.limits(cfg.train.memory_limit_mb, then=cpu.preexec(cfg.cpu))
@@ -142,7 +146,7 @@ def main(cfg: DictConfig) -> list[float] | None:
     redact.scrub_files(trial_dir / ".hydra")
     try:
         result = run_trial(cfg, trial_dir, info)
-    except (ConfigError, data.DataError) as exc:
+    except (ConfigError, data.DataError, results.RecordError) as exc:
         log.error("%s", exc)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper records this job as failed, with the message

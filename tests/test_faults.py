@@ -3,6 +3,7 @@ Each becomes a failed trial with its reason, the next trial runs, and the failur
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -149,3 +150,74 @@ def test_postgresql_restarted_under_two_workers_loses_and_doubles_nothing(tmp_pa
     check_study(study, n)
     assert all(t.state.name == "COMPLETE" for t in study.trials)
     assert len({json.dumps(t.params, sort_keys=True) for t in study.trials}) == n
+
+
+def test_a_full_disk_fails_the_trial_clearly_and_keeps_earlier_records(tmp_path, data_root, cache_dir):
+    """The sweep folder is a 2 MB tmpfs that fills up while the second trial's worker runs."""
+    import threading
+
+    from tests.system import require
+
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        require("a small tmpfs", f"mounting one needs root: {mounted.stderr.decode().strip()}")
+    try:
+        sweep = small / "sweep"
+
+        def fill_when_trial_1_runs() -> None:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and not (sweep / "1" / "worker.log").exists():
+                time.sleep(0.05)
+            with contextlib.suppress(OSError), open(small / "ballast", "wb") as fh:
+                while True:
+                    fh.write(b"\0" * 65536)
+                    fh.flush()
+
+        filler = threading.Thread(target=fill_when_trial_1_runs, daemon=True)
+        filler.start()
+        proc = subprocess.run(_cmd(tmp_path, data_root, cache_dir, "-m", f"hydra.sweep.dir={sweep}",
+                                   "lora.r=2,4"), cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
+                              timeout=600)
+        filler.join(timeout=10)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        first = json.loads((sweep / "0" / "result.json").read_text())  # written before the disk filled
+        assert first["status"] == "completed"
+        study = optuna.load_study(study_name=_study_name(sweep), storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(tmp_path / "studies" / "paretune.journal"))))
+        second = sorted(study.trials, key=lambda t: t.number)[1]
+        assert second.state.name == "FAIL"
+        assert "No space left on device" in second.user_attrs["error"]
+        assert "run the same command again" in second.user_attrs["error"]
+        assert not list(sweep.rglob(".result.json.*.tmp"))
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
+
+
+def _single(tmp_path: Path, data_root: Path, cache_dir: Path, *args: str,
+            env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str], dict]:
+    run = tmp_path / "run"
+    cmd = [a for a in _cmd(tmp_path, data_root, cache_dir, f"hydra.run.dir={run}", *args) if a != "logger=none"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**_env(tmp_path), **(env or {})}, capture_output=True, text=True,
+                          timeout=600)
+    return proc, json.loads((run / "result.json").read_text())
+
+
+def test_wandb_that_cannot_write_is_a_warning_not_a_failure(tmp_path, data_root, cache_dir):
+    """W&B's folder is taken by a file: the trial completes and is recorded locally, with a warning."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "wandb").write_text("not a folder")
+    proc, record = _single(tmp_path, data_root, cache_dir, "logger=wandb")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert record["status"] == "completed"
+    assert "W&B logging failed" in proc.stderr and "the trial is recorded in" in proc.stderr
+
+
+def test_wandb_online_without_a_key_is_a_warning_not_a_failure(tmp_path, data_root, cache_dir):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update({"WANDB_API_KEY": "", "HOME": str(tmp_path), "WANDB_SILENT": "true", "WANDB_INIT_TIMEOUT": "20"})
+    proc, record = _single(tmp_path, data_root, cache_dir, "logger=wandb", "logger.mode=online", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert record["status"] == "completed"
+    assert "W&B logging failed" in proc.stderr

@@ -129,10 +129,12 @@ def test_sweep_is_an_optuna_study_and_summarised_in_wandb(wandb_sweep):
 
 
 def test_no_dataset_text_outside_the_predictions_file(wandb_sweep):
-    """W&B files, logs, records, configs and the printed table hold no sentence of the data set."""
+    """W&B files, logs, records, configs, the Optuna study and the printed table hold no sentence of
+    the data set: every file the sweep wrote is read, except the trials' own predictions.jsonl."""
     proc, sweep_dir, _ = wandb_sweep
-    written = [p for p in sweep_dir.rglob("*") if p.is_file() and p.name != "predictions.jsonl"]
+    written = [p for p in sweep_dir.parent.rglob("*") if p.is_file() and p.name != "predictions.jsonl"]
     assert any("wandb" in p.parts for p in written) and any(p.name == "worker.log" for p in written)
+    assert any(p.name == "paretune.journal" for p in written)  # the study storage is scanned too
     for path, text in [*((p, p.read_bytes().decode("utf-8", "replace")) for p in written),
                        ("stdout", proc.stdout), ("stderr", proc.stderr)]:
         for sentence in _dataset_sentences():
