@@ -8,6 +8,7 @@ be chosen before torch loads, and Hydra's launchers reuse one process for every 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import os
 import resource
@@ -140,7 +141,7 @@ def run_worker(trial_dir: Path, env: dict[str, str], timeout_s: float, python: s
     start = time.perf_counter()
     proc = subprocess.Popen([python, "-m", "src.worker", str(trial_dir)], env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=preexec)
+                            preexec_fn=_die_with_parent(os.getpid(), preexec))
     assert proc.stdout is not None
     echo = getattr(sys.stderr, "buffer", sys.stderr)
     tee = threading.Thread(target=_tee, args=(proc.stdout, log_path, echo), daemon=True)
@@ -157,6 +158,23 @@ def run_worker(trial_dir: Path, env: dict[str, str], timeout_s: float, python: s
     finally:
         tee.join(timeout=10)
     return WorkerExit(proc.returncode, timed_out, time.perf_counter() - start, _tail(log_path))
+
+
+def _die_with_parent(parent: int, then: Callable[[], None] | None) -> Callable[[], None]:
+    """Pre-exec: the worker gets SIGKILL when the sweep process dies, even by SIGKILL (Linux's
+    PR_SET_PDEATHSIG), so no orphan keeps training, writing and taking the cores of the next sweep."""
+    def apply() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the line above took effect
+            os._exit(1)
+        if then is not None:
+            then()
+
+    return apply
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

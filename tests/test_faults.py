@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 
 from tests.conftest import TINY
 
@@ -93,7 +94,7 @@ def _worker_pid(trial_dir: Path, timeout_s: float = 120) -> int:
 def test_a_worker_killed_by_sigkill_is_a_failed_trial_and_the_next_runs(tmp_path, data_root, cache_dir):
     sweep = tmp_path / "sweep"
     proc = subprocess.Popen(_cmd(tmp_path, data_root, cache_dir, "-m", f"hydra.sweep.dir={sweep}",
-                                 "hydra.sweeper.max_failure_rate=0.9", "lora.r=2,4", "train.max_steps=40"),
+                                 "hydra.sweeper.max_failure_rate=0.9", "lora.r=2,4") + ["train.max_steps=40"],
                             cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -221,3 +222,43 @@ def test_wandb_online_without_a_key_is_a_warning_not_a_failure(tmp_path, data_ro
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert record["status"] == "completed"
     assert "W&B logging failed" in proc.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_a_sweep_killed_mid_trial_resumes_with_the_same_command(tmp_path, data_root, cache_dir, sig):
+    """Trial 0 completes, the sweep is stopped during trial 1; the same command then completes the grid:
+    trial 0 is not run again, the lost trial is failed and run again, nothing is half-written, and
+    the stopped sweep's worker did not outlive it."""
+    sweep = tmp_path / "sweep"
+    # the last of repeated overrides wins: long enough trials to stop one in the middle
+    cmd = [*_cmd(tmp_path, data_root, cache_dir, "-m", f"hydra.sweep.dir={sweep}", "lora.r=2,4,8"),
+           "train.max_steps=60"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        worker = _worker_pid((sweep / "1").resolve(), timeout_s=300)
+        first = (sweep / "0" / "result.json").read_bytes()
+        time.sleep(2)
+        proc.send_signal(sig)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and Path(f"/proc/{worker}").exists():
+        time.sleep(0.2)
+    assert not Path(f"/proc/{worker}").exists(), "the worker outlived its sweep"
+    assert not (sweep / "1" / "result.json").exists() or json.loads(
+        (sweep / "1" / "result.json").read_text())["status"] == "failed"
+
+    resumed = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (sweep / "0" / "result.json").read_bytes() == first  # completed trial intact, not re-run
+    study = optuna.load_study(study_name=_study_name(sweep), storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "studies" / "paretune.journal"))))
+    trials = sorted(study.trials, key=lambda t: t.number)
+    assert trials[1].state.name == "FAIL"  # the lost trial: failed on the way out, or found stale
+    done = sorted(t.params["lora.r"] for t in trials if t.state.name == "COMPLETE")
+    assert done == [2, 4, 8]  # r=2 once (not re-run), r=4 run again, r=8 run
+    assert not [t for t in trials if t.state.name == "RUNNING"]
+    assert not list(sweep.rglob(".result.json.*.tmp"))
