@@ -15,6 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from src.sweeper import study as S
 from tests.conftest import TINY
 
 # A model too big for the memory limit below (about 1.5 GB of fp32 weights), and a limit that still
@@ -51,17 +52,18 @@ def test_each_worker_fault_is_a_failed_trial_and_the_sweep_goes_on(tmp_path, dat
     assert "no_such_layer" in records[0]["error"]["message"]
     oom = records[1]["error"]
     assert oom["message"].startswith(f"out of memory: the trial needed more than the train.memory_limit_mb={LIMIT_MB}")
-    study = optuna.load_study(study_name=_study_name(sweep), storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tmp_path / "studies" / "paretune.journal"))))
+    study = _study(tmp_path, sweep)
     states = [t.state.name for t in sorted(study.trials, key=lambda t: t.number)]
     assert states == ["FAIL", "FAIL", "COMPLETE"]
     assert "out of memory" in study.trials[1].user_attrs["error"]
 
 
-def _study_name(sweep: Path) -> str:
+def _study(tmp_path: Path, sweep: Path) -> optuna.Study:
+    """The study a sweep recorded into (its name from multirun.yaml, the storage _env points at)."""
     import yaml
 
-    return yaml.safe_load((sweep / "multirun.yaml").read_text())["hydra"]["sweeper"]["study_name"]
+    name = yaml.safe_load((sweep / "multirun.yaml").read_text())["hydra"]["sweeper"]["study_name"]
+    return optuna.load_study(study_name=name, storage=S.open_storage(str(tmp_path / "studies" / "paretune.journal")))
 
 
 def _fault_configs(tmp_path: Path) -> Path:
@@ -185,8 +187,7 @@ def test_a_full_disk_fails_the_trial_clearly_and_keeps_earlier_records(tmp_path,
         assert proc.returncode == 0, proc.stderr[-3000:]
         first = json.loads((sweep / "0" / "result.json").read_text())  # written before the disk filled
         assert first["status"] == "completed"
-        study = optuna.load_study(study_name=_study_name(sweep), storage=optuna.storages.JournalStorage(
-            optuna.storages.journal.JournalFileBackend(str(tmp_path / "studies" / "paretune.journal"))))
+        study = _study(tmp_path, sweep)
         second = sorted(study.trials, key=lambda t: t.number)[1]
         assert second.state.name == "FAIL"
         assert "No space left on device" in second.user_attrs["error"]
@@ -254,8 +255,7 @@ def test_a_sweep_killed_mid_trial_resumes_with_the_same_command(tmp_path, data_r
     resumed = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (sweep / "0" / "result.json").read_bytes() == first  # completed trial intact, not re-run
-    study = optuna.load_study(study_name=_study_name(sweep), storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tmp_path / "studies" / "paretune.journal"))))
+    study = _study(tmp_path, sweep)
     trials = sorted(study.trials, key=lambda t: t.number)
     assert trials[1].state.name == "FAIL"  # the lost trial: failed on the way out, or found stale
     done = sorted(t.params["lora.r"] for t in trials if t.state.name == "COMPLETE")
