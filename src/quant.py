@@ -82,12 +82,12 @@ def check(q: Any, errors: list[str], ipex_python: str | None = None) -> None:
             errors.append(f"quant.bits: torchao has 8 bits here (16/32: no quantization), not {bits}")
         elif bits in TORCHAO_TYPES and q.quant_type is not None and q.quant_type not in TORCHAO_TYPES[bits]:
             errors.append(f"quant.quant_type: '{q.quant_type}' is not a torchao type here; use int8_weight_only")
-        if q.double_quant:
-            errors.append("quant.double_quant: bitsandbytes 4-bit only; set it false")
         if importlib.util.find_spec("torchao") is None:
             errors.append("quant.method: torchao is not installed; run `make setup`")
     if method == "ipex":
         _check_ipex(q, bits, errors, ipex_python)
+    if method != "bnb" and q.double_quant:  # one message for every backend without quantized scales
+        errors.append("quant.double_quant: bitsandbytes 4-bit only; set it false")
 
 
 def _check_ipex(q: Any, bits: int, errors: list[str], ipex_python: str | None) -> None:
@@ -100,8 +100,6 @@ def _check_ipex(q: Any, bits: int, errors: list[str], ipex_python: str | None) -
                       f"not {bits}; use quant=bnb_int8 or quant=torchao_int8 for 8 bits")
     elif bits in IPEX_TYPES and qtype is not None and qtype not in IPEX_TYPES[bits]:
         errors.append(f"quant.quant_type: '{qtype}' is not an ipex-llm type this project trains; use sym_int4")
-    if q.double_quant:
-        errors.append("quant.double_quant: bitsandbytes 4-bit only; set it false")
     if not active(q) or ipex_python is None:
         return
     python = Path(ipex_python)
