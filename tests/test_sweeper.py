@@ -240,3 +240,23 @@ def test_a_trial_lost_before_its_parameters_is_not_retried_and_not_counted(tmp_p
     empty = study.ask()  # killed between ask and its parameters
     S.fail_trial(study, empty._trial_id, "lost", stale=True)
     assert S.retry_stale(study) == [] and S.counted(study.trials) == 0
+
+
+def test_every_private_storage_call_made_from_outside_rdbstorage_is_retried():
+    """Optuna's cache and heartbeat call some private RDBStorage methods directly; a database outage
+    during one of them (a parameter written by study.ask) must be retried like the public calls.
+    Read from Optuna's own source, so an Optuna upgrade that calls a new one fails here."""
+    import re
+
+    from src.sweeper import retry
+
+    root = Path(optuna.storages.__file__).parent
+    called = set()
+    for path in [root / "_cached_storage.py", root / "_heartbeat.py"]:
+        called |= set(re.findall(r"(?:_backend|storage)\.(_[a-z][a-z_]*)\(", path.read_text()))
+    called &= set(vars(optuna.storages.RDBStorage))
+    assert called and called <= set(retry.CALLED_FROM_OUTSIDE), called - set(retry.CALLED_FROM_OUTSIDE)
+    for name in retry.CALLED_FROM_OUTSIDE:
+        wrapped = getattr(retry.RetryingRDBStorage, name)
+        assert wrapped is not getattr(optuna.storages.RDBStorage, name)
+        assert wrapped.__wrapped__ is getattr(optuna.storages.RDBStorage, name)

@@ -51,13 +51,19 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
     retry_s = 120.0
 
 
+# Private RDBStorage calls made from outside it: Optuna's _CachedStorage (which wraps every RDB
+# storage a study uses) and its heartbeat code call these directly, so they need the retry too. The
+# other private helpers run inside a session one of the wrapped calls opened; retrying that call
+# covers them. tests/test_sweeper.py checks this list against Optuna's source.
+CALLED_FROM_OUTSIDE = ("_create_new_trial", "_set_trial_param", "_get_best_trial_id", "_get_trials",
+                       "_get_stale_trial_ids")
+
+
 def _wrap_methods() -> None:
-    # The public calls, and _get_trials, which Optuna's cache calls directly. The other private
-    # helpers run inside a session one of these opened: retrying the outer call covers them.
     for name, member in vars(optuna.storages.RDBStorage).items():
         if not callable(member) or isinstance(member, (staticmethod, classmethod)):
             continue
-        if name.startswith("_") and name != "_get_trials":
+        if name.startswith("_") and name not in CALLED_FROM_OUTSIDE:
             continue
 
         def method(self: RetryingRDBStorage, *args: Any, _fn: Callable[..., Any] = member, _name: str = name,
