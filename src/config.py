@@ -47,6 +47,11 @@ class Scheduler(Enum):
     constant = "constant"
 
 
+class TrainEngine(Enum):
+    loop = "loop"              # src/loop.py: our loop
+    hf_trainer = "hf_trainer"  # src/hf_engine.py: transformers.Trainer, as a typical user would run it
+
+
 class PeftMethod(Enum):
     lora = "lora"
 
@@ -173,6 +178,7 @@ class CpuConfig:
 
 @dataclass
 class TrainConfig:
+    engine: TrainEngine = MISSING
     max_steps: int | None = MISSING
     epochs: float | None = MISSING
     time_budget_s: float | None = MISSING
@@ -185,6 +191,7 @@ class TrainConfig:
     max_seq_len: int = MISSING
     max_grad_norm: float | None = MISSING
     gradient_checkpointing: bool = MISSING
+    group_by_length: bool = MISSING
     seed: int = MISSING
     log_every: int = MISSING
     worker_timeout_s: float = MISSING

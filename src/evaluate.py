@@ -17,7 +17,7 @@ import torch
 from src import metrics as M
 from src.config import package_dir
 from src.data import Example
-from src.loop import collate
+from src.loop import collate, target_loss
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def eval_loss(model: Any, examples: list[Example], batch_size: int, pad_id: int)
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i:i + batch_size], pad_id)
         n = int((batch["labels"][:, 1:] != -100).sum())  # the model shifts labels by one
-        total += model(**batch).loss.item() * n
+        total += target_loss(model, batch).item() * n
         count += n
     return total / count
 
@@ -115,16 +115,23 @@ def bertscore_f1(predictions: list[str], references: list[str], package: str, nu
 
 
 def evaluate(model: Any, tokenizer: Any, examples: list[Example], ecfg: Any, pad_id: int, eos_id: int,
-             loss_batch_size: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """All requested eval metrics, and one prediction row per example (kept in the trial dir only)."""
+             loss_batch_size: int, timings: dict[str, float] | None = None,
+             ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """All requested eval metrics, and one prediction row per example (kept in the trial dir only).
+    ``timings`` receives the seconds spent on the eval loss, on generation and on scoring."""
     families = [str(m) for m in ecfg.metrics]
     out: dict[str, float] = {}
+    spent = timings if timings is not None else {}
     if "loss" in families:
+        t0 = time.perf_counter()
         out[M.EVAL_LOSS] = eval_loss(model, examples, loss_batch_size, pad_id)
+        spent["eval_loss_s"] = time.perf_counter() - t0
     rows: list[dict[str, Any]] = []
     if "rouge" in families or "bertscore" in families:
         gen = generate(model, examples, ecfg.max_new_tokens, ecfg.batch_size, pad_id, eos_id, tokenizer)
         out[M.EVAL_GEN_TOKENS_PER_S] = gen.new_tokens / gen.seconds
+        spent["eval_gen_s"] = gen.seconds
+        t0 = time.perf_counter()
         refs = [ex.reference for ex in examples]
         rows = [{"id": ex.id, "reference": ex.reference, "prediction": text}
                 for ex, text in zip(examples, gen.texts, strict=True)]
@@ -136,4 +143,5 @@ def evaluate(model: Any, tokenizer: Any, examples: list[Example], ecfg: Any, pad
         if "bertscore" in families:
             out[M.EVAL_BERTSCORE_F1] = bertscore_f1(gen.texts, refs, ecfg.bertscore_package,
                                                     ecfg.bertscore_num_layers)
+        spent["eval_score_s"] = time.perf_counter() - t0
     return out, rows

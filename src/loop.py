@@ -1,8 +1,11 @@
 """The training loop: AdamW on the trainable (LoRA) weights, a warm-up + decay schedule, gradient
 accumulation and clipping, an optional time budget, and a progress bar with loss and tokens/s.
 
-A plain loop rather than transformers.Trainer: it is short, runs in the worker without Trainer's
-accelerate/logging machinery, and counts real (non-padding) tokens for tokens/s.
+A plain loop rather than transformers.Trainer (``train.engine=hf_trainer`` runs that instead, for
+comparison: src/hf_engine.py), because of two things Trainer does not do, measured by the benchmark
+(python -m bench): the vocabulary projection and cross-entropy run only where a summary token is
+predicted (``target_loss``), and micro-batches are grouped by length (``train.group_by_length``) so
+that little of each batch is padding. It counts real (non-padding) tokens for tokens/s.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import get_scheduler
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from src import metrics as M
 from src.data import Example
@@ -56,14 +61,66 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def batches(examples: list[Example], batch_size: int, seed: int) -> Iterator[list[Example]]:
-    """Endless stream of micro-batches, reshuffled every epoch with a seeded generator."""
+def batches(examples: list[Example], batch_size: int, seed: int, by_length: bool = False,
+            ) -> Iterator[list[Example]]:
+    """Endless stream of micro-batches, reshuffled every epoch with a seeded generator.
+
+    ``by_length``: transformers' LengthGroupedSampler orders each epoch so that a micro-batch holds
+    examples of similar length (random groups of 50 batches sorted by length, the batches then
+    shuffled), so little of it is padding; the examples seen per epoch are the same.
+    """
     rng = random.Random(seed)
     order = list(range(len(examples)))
+    lengths = [len(ex.input_ids) for ex in examples]
+    epoch = 0
     while True:
-        rng.shuffle(order)
+        if by_length:
+            gen = torch.Generator().manual_seed(seed + epoch)
+            order = list(LengthGroupedSampler(batch_size, lengths=lengths, generator=gen))
+        else:
+            rng.shuffle(order)
         for i in range(0, len(order), batch_size):
             yield [examples[j] for j in order[i:i + batch_size]]
+        epoch += 1
+
+
+# Config attributes of models whose logits are transformed after the vocabulary projection (soft
+# capping, scaling): target_loss would skip that, so those models take the plain path.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def _body_and_head(model: Any) -> tuple[Any, Any] | None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or any(getattr(config, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS):
+        return None
+    try:
+        body, head = base.get_decoder(), base.get_output_embeddings()
+    except (AttributeError, ValueError, NotImplementedError):
+        return None
+    if body is None or head is None or body is base:
+        return None
+    return body, head
+
+
+def target_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (summary) positions, as ``model(**batch).loss``.
+
+    The causal-LM head projects every position onto the whole vocabulary (49k columns for SmolLM2)
+    and then discards the prompt positions' logits in the loss. Here the decoder body runs on the whole
+    sequence, and the projection and cross-entropy only on the positions that predict a label: for a
+    dialogue-to-summary task most positions are prompt, so this saves most of the head's matmuls and the
+    largest activation of the step. Models without a separable body/head take the plain path.
+    """
+    parts = _body_and_head(model)
+    if parts is None:
+        return model(**batch).loss
+    body, head = parts
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    logits = head(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), labels[keep])
 
 
 def total_steps(tcfg: Any, n_examples: int) -> int:
@@ -83,7 +140,7 @@ def train(model: Any, examples: list[Example], tcfg: Any, pad_id: int,
     if tcfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    stream = batches(examples, tcfg.batch_size, tcfg.seed)
+    stream = batches(examples, tcfg.batch_size, tcfg.seed, by_length=bool(tcfg.group_by_length))
     stats = TrainStats()
     start = time.perf_counter()
     bar = tqdm(total=steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
@@ -92,7 +149,7 @@ def train(model: Any, examples: list[Example], tcfg: Any, pad_id: int,
         step_loss, step_tokens = 0.0, 0
         for _ in range(tcfg.grad_accum):
             batch = collate(next(stream), pad_id)
-            loss = model(**batch).loss
+            loss = target_loss(model, batch)
             (loss / tcfg.grad_accum).backward()
             step_loss += loss.item() / tcfg.grad_accum
             step_tokens += int(batch["attention_mask"].sum())

@@ -96,7 +96,12 @@ def run_trial(cfg: DictConfig, trial_dir: Path, trial: dict[str, Any]) -> TrialR
         results.write(trial_dir, result)
     if result.status == "completed" and not exit_.ok:
         log.warning("the worker wrote a completed record, then %s", exit_.describe(timeout_s))
+    # The worker's wall time as the parent saw it (process start and exit included): kept in the record.
     result.timings["trial_wall_s"] = exit_.wall_s
+    try:
+        results.write(trial_dir, result)
+    except results.RecordError as exc:
+        log.warning("%s; trial_wall_s is only in the local log", exc)
     tracking.track(result, trial_dir, cfg.logger)
     _announce(result, trial_dir)
     return result

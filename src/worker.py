@@ -168,8 +168,8 @@ def run(t: Trial) -> None:
                                                            cfg.train.seed)
     pad_id, eos_id = int(tok.pad_token_id), builder.eos_id
 
-    def score(m: Any) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        return evaluate.evaluate(m, tok, eval_ex, cfg.eval, pad_id, eos_id, cfg.train.batch_size)
+    def score(m: Any, timings: dict[str, float] | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        return evaluate.evaluate(m, tok, eval_ex, cfg.eval, pad_id, eos_id, cfg.train.batch_size, timings)
 
     t.baseline, info = baseline.get_or_compute(cache_dir, cfg, data.split_paths(cfg.data)["eval"],
                                                lambda: score(net)[0])
@@ -195,10 +195,17 @@ def run(t: Trial) -> None:
 
         with _precision(cfg.cpu.dtype):
             t.cpu["autocast_in_training"] = _autocast_state()  # read inside the context the loop runs in
-            stats = loop.train(net, train_ex, cfg.train, pad_id, on_log)
+            if str(cfg.train.engine) == "hf_trainer":
+                from src import hf_engine
+
+                stats = hf_engine.train(net, tok, train_ex, cfg.train, tdir / ".hf_trainer", on_log)
+            else:
+                stats = loop.train(net, train_ex, cfg.train, pad_id, on_log)
     t.artifacts["train_log"] = TRAIN_LOG
     t.data["stopped_by"] = stats.stopped_by
+    t0 = time.perf_counter()
     net.save_pretrained(tdir / ADAPTER_DIR)
+    t.timings["save_s"] = time.perf_counter() - t0
     t.artifacts["adapter"] = ADAPTER_DIR
 
     t0 = time.perf_counter()
@@ -211,7 +218,7 @@ def run(t: Trial) -> None:
     if cfg.eval.merge_adapter and not merge:
         t.data["eval_model"] += f" ({t.data['quant']['backend']} cannot merge LoRA into its layers)"
     with _precision(cfg.cpu.dtype):  # evaluated in the precision it was trained and would be served in
-        scores, rows = score(net)
+        scores, rows = score(net, t.timings)
     eval_s = time.perf_counter() - t0
     if rows:
         _write_jsonl(tdir / PREDICTIONS, rows)

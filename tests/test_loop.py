@@ -15,7 +15,7 @@ from src.data import Example
 def _tcfg(**kw):
     base = {"max_steps": 6, "epochs": None, "time_budget_s": None, "lr": 0.05, "scheduler": "constant",
             "warmup_ratio": 0.0, "weight_decay": 0.0, "batch_size": 2, "grad_accum": 1, "max_grad_norm": 1.0,
-            "gradient_checkpointing": False, "seed": 0, "log_every": 1}
+            "gradient_checkpointing": False, "group_by_length": False, "seed": 0, "log_every": 1}
     return OmegaConf.create({**base, **kw})
 
 
@@ -107,3 +107,47 @@ def test_divergence_stops_with_a_clear_error():
 
     with pytest.raises(FloatingPointError, match="step 1: training diverged; lower train.lr"):
         loop.train(Diverging(), _examples(), _tcfg(max_steps=3), pad_id=0, on_log=lambda r: None)
+
+
+def test_target_loss_equals_the_models_own_loss_and_gradients():
+    """The loss on labelled positions only (head and cross-entropy skip the prompt) is the causal-LM
+    loss the model computes over the full vocabulary projection, value and LoRA gradients alike."""
+    net, batch = _model(), loop.collate(_examples(), pad_id=0)
+    reference = net(**batch).loss
+    reference.backward()
+    expected = {k: p.grad.clone() for k, p in net.named_parameters() if p.requires_grad}
+    net.zero_grad(set_to_none=True)
+    fast = loop.target_loss(net, batch)
+    fast.backward()
+    assert loop._body_and_head(net) is not None  # the fast path was taken
+    assert fast.item() == pytest.approx(reference.item(), rel=1e-6)
+    for k, p in net.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, expected[k], rtol=1e-5, atol=1e-7)
+
+
+def test_models_with_transformed_logits_take_the_plain_path():
+    net = _model()
+    net.get_base_model().config.final_logit_softcapping = 30.0  # as Gemma 2: the head's output is capped
+    assert loop._body_and_head(net) is None
+    batch = loop.collate(_examples(), pad_id=0)
+    assert loop.target_loss(net, batch).item() == pytest.approx(net(**batch).loss.item())
+
+
+def _padding(examples, batch_size, by_length):
+    stream = loop.batches(examples, batch_size, seed=3, by_length=by_length)
+    pad = 0
+    for _ in range(len(examples) // batch_size):
+        lengths = [len(e.input_ids) for e in next(stream)]
+        pad += len(lengths) * max(lengths) - sum(lengths)
+    return pad
+
+
+def test_length_grouping_covers_every_example_each_epoch_with_less_padding():
+    g = torch.Generator().manual_seed(2)
+    ex = [Example(str(i), [1] * int(n), [2, 3], "", False)
+          for i, n in enumerate(torch.randint(5, 300, (400,), generator=g))]
+    stream = loop.batches(ex, 4, seed=3, by_length=True)
+    for _ in range(2):  # two epochs, each a permutation of the examples
+        assert sorted(e.id for _ in range(100) for e in next(stream)) == sorted(e.id for e in ex)
+    assert _padding(ex, 4, by_length=True) < 0.2 * _padding(ex, 4, by_length=False)

@@ -1,0 +1,200 @@
+"""``python -m bench``: our training loop against transformers.Trainer on the same trial, and how close
+both run to this machine's matmul peak.
+
+    python -m bench [--pairs 5] [--readme README.md] [--out FILE] [OVERRIDE ...]
+    python -m bench --from SWEEP_DIR [--readme README.md]      # summarise a benchmark sweep again
+
+It measures the fp32 GEMM peak in a fresh process, then runs one sweep over ``train.engine=loop,
+hf_trainer`` with ``train.seed=1..pairs`` first, so the two engines alternate (A B A B ...) in one
+process tree, each trial in its own fresh worker as always. OVERRIDEs (e.g. ``cpu.threads=1``,
+``model=hf model.path=...``) apply to every trial. The JSON (machine, GEMM peak, every trial's numbers,
+medians, ratios, targets) goes to --out and into the sweep folder; --readme writes the table between
+the ``<!-- ratios:speed:begin/end -->`` markers. The sweep is only as fair as the machine is quiet:
+run nothing else meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import measure
+from src import hw, results
+from src.config import PROJECT_ROOT
+
+ENGINES = ("loop", "hf_trainer")
+GEMM_FILE, SWEEP_FILE, RESULT_FILE = "bench_gemm.json", "bench_sweep.json", "bench.json"
+
+
+def _threads(overrides: list[str]) -> int:
+    for o in overrides:
+        if o.startswith("cpu.threads=") and o.split("=", 1)[1] not in ("null", ""):
+            return int(o.split("=", 1)[1])
+    return hw.usable_cores()
+
+
+def gemm(threads: int) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-m", "bench.gemm", "--threads", str(threads)], cwd=PROJECT_ROOT,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _study_name(sweep_dir: Path) -> str:
+    return sweep_dir.name if sweep_dir.name.startswith("bench") else f"bench-{sweep_dir.name}"
+
+
+def sweep_command(sweep_dir: Path, pairs: int, overrides: list[str]) -> list[str]:
+    # Seeds first: the grid runs in command-line order, so each seed's two engines run back to back.
+    seeds = ",".join(str(s) for s in range(1, pairs + 1))
+    return [sys.executable, "-m", "src.train", "-m", f"hydra.sweep.dir={sweep_dir}",
+            f"hydra.sweeper.study_name={_study_name(sweep_dir)}", "hydra.sweeper.max_failure_rate=1",
+            f"train.seed={seeds}", f"train.engine={','.join(ENGINES)}", *overrides]
+
+
+def run_sweep(sweep_dir: Path, pairs: int, overrides: list[str]) -> dict[str, Any]:
+    cmd = sweep_command(sweep_dir, pairs, overrides)
+    print("+", " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT)
+    info = {"command": ["python", *cmd[1:]], "wall_s": time.perf_counter() - start, "returncode": proc.returncode}
+    (sweep_dir / SWEEP_FILE).write_text(json.dumps(info, indent=2))
+    return info
+
+
+def collect(sweep_dir: Path, gemm_gflops: float, sweep_wall_s: float) -> dict[str, Any]:
+    """Every trial of the sweep, its numbers, and the per-engine summary."""
+    dirs = sorted((p.parent for p in sweep_dir.glob("*/result.json")), key=lambda p: int(p.name))
+    if not dirs:
+        raise SystemExit(f"{sweep_dir}: no trial records; did the sweep start?")
+    records = [(d, results.read(d).to_dict()) for d in dirs]
+    in_workers = sum(float(r["timings"].get("trial_wall_s", r["timings"].get("worker_wall_s", 0.0)))
+                     for _, r in records)
+    gap_s = max(0.0, sweep_wall_s - in_workers) / len(records)
+    trials, per_engine = [], {e: [] for e in ENGINES}
+    for d, r in records:
+        engine = r["config"]["train"]["engine"]
+        row: dict[str, Any] = {"dir": d.name, "engine": engine, "seed": r["seed"], "status": r["status"]}
+        if r["status"] == "completed":
+            row.update(measure.trial_numbers(r, d, gemm_gflops, gap_s))
+            per_engine[engine].append(row)
+        else:
+            row["error"] = (r.get("error") or {}).get("message")
+        trials.append(row)
+    missing = [e for e, rows in per_engine.items() if not rows]
+    if missing:
+        raise SystemExit(f"no completed trial for engine(s) {missing}; see the records in {sweep_dir}")
+    numbers = {e: [{k: v for k, v in row.items() if isinstance(v, float)} for row in rows]
+               for e, rows in per_engine.items()}
+    first = records[0][1]
+    return {"trials": trials, "summary": measure.summarize(numbers), "gap_s_per_trial": gap_s,
+            "trial_shape": {"model": first["data"]["model"]["name"], "n_params": first["data"]["model"]["n_params"],
+                            "trainable_params": first["data"].get("trainable_params"),
+                            "batch_size": first["config"]["train"]["batch_size"],
+                            "max_seq_len": first["config"]["train"]["max_seq_len"],
+                            "max_steps": first["config"]["train"]["max_steps"],
+                            "lora_r": first["config"]["lora"]["r"], "quant": first["data"].get("quant", {}).get("backend"),
+                            "dtype": first["config"]["cpu"]["dtype"], "threads": first["cpu"].get("torch_threads"),
+                            "allocator": first["cpu"].get("allocator")}}
+
+
+def _fmt(value: float | None, kind: str) -> str:
+    if value is None:
+        return "-"
+    return {"pct": f"{100 * value:.1f}%", "x": f"{value:.2f}x", "n": f"{value:.4g}"}[kind]
+
+
+def table(report: dict[str, Any]) -> str:
+    """The README block: machine, trial shape, per-engine medians (range), the ratios and the targets."""
+    m, s, shape = report["machine"], report["summary"], report["trial_shape"]
+    rows = [("training tokens/s (real tokens, median step after warm-up)", "train_tokens_per_s", "n"),
+            ("MFU (4 x params x tokens/s / GEMM peak)", "mfu", "pct"),
+            ("peak RSS, MB", "peak_rss_mb", "n"),
+            ("eval generation tokens/s", "eval_gen_tokens_per_s", "n"),
+            ("eval generation, share of trial wall", "eval_gen_fraction", "pct"),
+            ("sweep overhead, share of trial wall", "overhead_fraction", "pct"),
+            ("trial wall, s", "trial_wall_s", "n")]
+    e = s["engines"]
+    lines = [f"Machine: {m['model']}, {m['usable_cores']} usable cores, "
+             f"fp32 GEMM peak {report['gemm']['gflops_peak']:.0f} GFLOP/s ({shape['threads']} threads). "
+             f"Trial: {shape['model']} ({shape['n_params'] / 1e6:.1f}M params), LoRA r={shape['lora_r']}, "
+             f"batch {shape['batch_size']} x up to {shape['max_seq_len']} tokens, {shape['max_steps']} steps, "
+             f"{shape['dtype']}, allocator {shape['allocator']}; {e['loop']['n']} + {e['hf_trainer']['n']} trials "
+             f"interleaved. Measured {report['finished_at'][:10]} with `{report['command']}`.",
+             "",
+             "| quantity | our loop | transformers.Trainer | loop / Trainer |",
+             "|---|---|---|---|"]
+    for label, key, kind in rows:
+        a, b = e["loop"][key], e["hf_trainer"][key]
+        ratio = a["median"] / b["median"] if b["median"] else None
+        cells = [f"{_fmt(x['median'], kind)} ({_fmt(x['min'], kind)}-{_fmt(x['max'], kind)})" for x in (a, b)]
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {_fmt(ratio, 'x')} |")
+    lines += ["", "| target | goal | measured | met |", "|---|---|---|---|"]
+    for v in report["targets"]:
+        kind = "x" if "vs" in v["target"] else "pct"
+        met = "-" if v["met"] is None else ("yes" if v["met"] else "**no**")
+        lines.append(f"| {v['target']} | {v['goal']} | {_fmt(v['measured'], kind)} | {met} |")
+    return "\n".join(lines)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "machine"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", type=int, default=5, help="interleaved loop/Trainer pairs (default 5)")
+    p.add_argument("--from", dest="from_dir", type=Path, help="summarise this benchmark sweep folder again")
+    p.add_argument("--sweep-dir", type=Path, help="where the sweep's trials go (default multirun/bench-<time>)")
+    p.add_argument("--out", type=Path, help="also write the JSON here (default bench/results/<machine>.json)")
+    p.add_argument("--readme", type=Path, help="write the table into this file's speed markers")
+    p.add_argument("overrides", nargs="*", help="config overrides for every trial, e.g. cpu.threads=1")
+    a = p.parse_args(argv)
+    if a.pairs < 1:
+        p.error("--pairs: give at least 1 (5 or more for numbers worth quoting)")
+    machine = hw.probe()
+    if a.from_dir:
+        sweep_dir = a.from_dir.resolve()
+        gemm_info = json.loads((sweep_dir / GEMM_FILE).read_text())
+        sweep_info = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    else:
+        stamp = datetime.now(UTC).strftime("%Y-%m-%d_%H-%M-%S")
+        sweep_dir = (a.sweep_dir or PROJECT_ROOT / "multirun" / f"bench-{stamp}").resolve()
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        threads = _threads(a.overrides)
+        before = gemm(threads)
+        sweep_info = run_sweep(sweep_dir, a.pairs, a.overrides)
+        after = gemm(threads)
+        # The better of two measurements, one either side of the sweep: MFU is never flattered by a
+        # peak measured while the machine happened to be slow.
+        gemm_info = {**max(before, after, key=lambda g: g["gflops_peak"]), "before": before, "after": after}
+        (sweep_dir / GEMM_FILE).write_text(json.dumps(gemm_info, indent=2))
+    report: dict[str, Any] = {"machine": machine, "gemm": gemm_info, "command": " ".join(sweep_info["command"]),
+                              "sweep_dir": str(sweep_dir), "sweep_wall_s": sweep_info["wall_s"],
+                              "finished_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    report.update(collect(sweep_dir, gemm_info["gflops_peak"], sweep_info["wall_s"]))
+    report["targets"] = measure.verdicts(report["summary"])
+    text = json.dumps(report, indent=2)
+    (sweep_dir / RESULT_FILE).write_text(text)
+    out = a.out or PROJECT_ROOT / "bench" / "results" / f"{_slug(str(machine['model']))}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    rendered = table(report)
+    print(rendered)
+    if a.readme:
+        from analysis.ratios import replace_block
+
+        a.readme.write_text(replace_block(a.readme.read_text(), rendered, "speed"))
+    print(f"wrote {out} and {sweep_dir / RESULT_FILE}", file=sys.stderr)
+    return 0 if sweep_info["returncode"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The speed benchmark: its arithmetic on records made here, and a real run of `python -m bench` on the
+tiny model (both engines, JSON, README table). Speed targets are the benchmark's business, never a test's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import measure
+from src import metrics as M
+from tests.conftest import TINY
+
+
+def _trial(tmp_path: Path, name: str, step_rates: list[float], **timings: float) -> tuple[dict, Path]:
+    d = tmp_path / name
+    d.mkdir()
+    d.joinpath("train_log.jsonl").write_text("".join(
+        json.dumps({"step": i + 1, M.TRAIN_TOKENS_PER_S: r}) + "\n" for i, r in enumerate(step_rates)))
+    record = {"timings": {"trial_wall_s": 100.0, "baseline_s": 20.0, "train_s": 60.0, "eval_s": 12.0,
+                          "eval_gen_s": 8.0, **timings},
+              "metrics": {M.COST_PEAK_RSS_MB: 3000.0, M.EVAL_GEN_TOKENS_PER_S: 40.0},
+              "data": {"model": {"n_params": 100_000_000}}}
+    return record, d
+
+
+def test_trial_numbers_use_steps_after_warm_up_and_exclude_the_shared_baseline(tmp_path):
+    record, d = _trial(tmp_path, "0", [10.0, 50.0, 100.0, 120.0, 110.0])
+    n = measure.trial_numbers(record, d, gemm_gflops=100.0, gap_s=2.0)
+    assert n["train_tokens_per_s"] == 110.0  # median of steps 3-5; steps 1-2 are warm-up
+    assert n["mfu"] == pytest.approx(4 * 1e8 * 110.0 / 100e9)
+    wall = 100.0 - 20.0 + 2.0  # the cached-once baseline is not this trial's cost; the sweep's gap is
+    assert n["trial_wall_s"] == wall
+    assert n["overhead_fraction"] == pytest.approx((wall - 72.0) / wall)
+    assert n["eval_gen_fraction"] == pytest.approx(8.0 / wall)
+
+
+def test_a_trial_without_steps_after_warm_up_is_refused(tmp_path):
+    record, d = _trial(tmp_path, "0", [10.0, 50.0])
+    with pytest.raises(ValueError, match="raise train.max_steps"):
+        measure.trial_numbers(record, d, 100.0)
+
+
+def test_summary_ratios_and_verdicts():
+    def row(tok_s, rss, mfu=0.6):
+        return {"train_tokens_per_s": tok_s, "mfu": mfu, "peak_rss_mb": rss, "eval_gen_tokens_per_s": 30.0,
+                "eval_gen_fraction": 0.1, "eval_fraction": 0.2, "overhead_fraction": 0.04, "trial_wall_s": 100.0}
+
+    s = measure.summarize({"loop": [row(200, 3000), row(180, 3100), row(220, 2900)],
+                           "hf_trainer": [row(100, 4000), row(90, 4100), row(110, 3900)]})
+    assert s["engines"]["loop"]["train_tokens_per_s"] == {"median": 200, "min": 180, "max": 220}
+    assert s["ratios"]["train_tokens_per_s"] == 2.0 and s["ratios"]["peak_rss_mb"] == 0.75
+    assert s["ratios"]["train_tokens_per_s_pairs"] == [2.0, 2.0, 2.0]
+    verdicts = {v["target"]: v["met"] for v in measure.verdicts(s)}
+    assert all(verdicts.values())
+    s["engines"]["loop"]["mfu"]["median"] = 0.3
+    assert {v["target"]: v["met"] for v in measure.verdicts(s)}["MFU (fp32, of measured GEMM peak)"] is False
+
+
+def test_bench_runs_both_engines_interleaved_and_writes_json_and_readme(tmp_path, data_root, cache_dir):
+    """Two pairs on the tiny model. Every step holds all six examples (batch 6), so both engines must
+    count exactly the same real tokens: Trainer's own non-padding count against our loop's."""
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- ratios:speed:begin -->\nold\n<!-- ratios:speed:end -->\nkept\n")
+    out, sweep = tmp_path / "bench.json", tmp_path / "sweep"
+    args = [*TINY, "train.batch_size=6", "train.max_steps=3", f"data.root={data_root}",
+            f"paths.cache_dir={cache_dir}", "logger=none"]
+    env = {**os.environ, "PARETUNE_STUDY_STORAGE": str(tmp_path / "study.journal")}
+    proc = subprocess.run([sys.executable, "-m", "bench", "--pairs", "2", "--sweep-dir", str(sweep), "--out", str(out),
+                           "--readme", str(readme), *args], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert [(t["engine"], t["seed"], t["status"]) for t in report["trials"]] == [
+        ("loop", 1, "completed"), ("hf_trainer", 1, "completed"), ("loop", 2, "completed"),
+        ("hf_trainer", 2, "completed")]  # A B A B
+    assert report["gemm"]["gflops_peak"] > 0 and report["machine"]["usable_cores"] >= 1
+    records = [json.loads((sweep / t["dir"] / "result.json").read_text()) for t in report["trials"]]
+    tokens = {r["metrics"][M.TRAIN_TOKENS] for r in records}
+    assert len(tokens) == 1 and tokens.pop() > 0
+    for r in records:
+        assert r["timings"]["trial_wall_s"] >= r["timings"]["train_s"] + r["timings"]["eval_s"]
+        log = (sweep / Path(r["trial"]["dir"]).name / "train_log.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in log] == [1, 2, 3]
+    engines = report["summary"]["engines"]
+    assert engines["loop"]["n"] == engines["hf_trainer"]["n"] == 2
+    assert 0 < engines["loop"]["overhead_fraction"]["median"] < 1
+    assert len(report["summary"]["ratios"]["train_tokens_per_s_pairs"]) == 2
+    assert {v["target"] for v in report["targets"]} == set(measure.TARGETS)
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("kept\n")
+    assert "| training tokens/s" in text and report["machine"]["model"] in text and "transformers.Trainer" in text
+    # Summarising the same sweep again gives the same numbers.
+    again = subprocess.run([sys.executable, "-m", "bench", "--from", str(sweep), "--out", str(tmp_path / "again.json")],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "again.json").read_text())["summary"] == report["summary"]
