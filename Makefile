@@ -56,8 +56,8 @@ test: setup ipex-venv
 	PARETUNE_REQUIRE_SYSTEM=1 $(PY) -m pytest -q
 
 lint: setup
-	$(PY) -m ruff check src analysis hydra_plugins tests
-	$(PY) -m mypy src analysis hydra_plugins
+	$(PY) -m ruff check src analysis bench hydra_plugins tests
+	$(PY) -m mypy src analysis bench hydra_plugins
 
 clean-cache:
 	rm -rf .cache

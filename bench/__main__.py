@@ -77,7 +77,8 @@ def collect(sweep_dir: Path, gemm_gflops: float, sweep_wall_s: float) -> dict[st
     in_workers = sum(float(r["timings"].get("trial_wall_s", r["timings"].get("worker_wall_s", 0.0)))
                      for _, r in records)
     gap_s = max(0.0, sweep_wall_s - in_workers) / len(records)
-    trials, per_engine = [], {e: [] for e in ENGINES}
+    trials: list[dict[str, Any]] = []
+    per_engine: dict[str, list[dict[str, Any]]] = {e: [] for e in ENGINES}
     for d, r in records:
         engine = r["config"]["train"]["engine"]
         row: dict[str, Any] = {"dir": d.name, "engine": engine, "seed": r["seed"], "status": r["status"]}
@@ -93,15 +94,14 @@ def collect(sweep_dir: Path, gemm_gflops: float, sweep_wall_s: float) -> dict[st
     numbers = {e: [{k: v for k, v in row.items() if isinstance(v, float)} for row in rows]
                for e, rows in per_engine.items()}
     first = records[0][1]
-    return {"trials": trials, "summary": measure.summarize(numbers), "gap_s_per_trial": gap_s,
-            "trial_shape": {"model": first["data"]["model"]["name"], "n_params": first["data"]["model"]["n_params"],
-                            "trainable_params": first["data"].get("trainable_params"),
-                            "batch_size": first["config"]["train"]["batch_size"],
-                            "max_seq_len": first["config"]["train"]["max_seq_len"],
-                            "max_steps": first["config"]["train"]["max_steps"],
-                            "lora_r": first["config"]["lora"]["r"], "quant": first["data"].get("quant", {}).get("backend"),
-                            "dtype": first["config"]["cpu"]["dtype"], "threads": first["cpu"].get("torch_threads"),
-                            "allocator": first["cpu"].get("allocator")}}
+    train, model = first["config"]["train"], first["data"]["model"]
+    shape = {"model": model["name"], "n_params": model["n_params"],
+             "trainable_params": first["data"].get("trainable_params"),
+             "batch_size": train["batch_size"], "max_seq_len": train["max_seq_len"], "max_steps": train["max_steps"],
+             "lora_r": first["config"]["lora"]["r"], "quant": first["data"].get("quant", {}).get("backend"),
+             "dtype": first["config"]["cpu"]["dtype"], "threads": first["cpu"].get("torch_threads"),
+             "allocator": first["cpu"].get("allocator")}
+    return {"trials": trials, "summary": measure.summarize(numbers), "gap_s_per_trial": gap_s, "trial_shape": shape}
 
 
 def _fmt(value: float | None, kind: str) -> str:

@@ -68,19 +68,20 @@ def train(model: Any, tokenizer: Any, examples: list[Example], tcfg: Any, out_di
             if tcfg.time_budget_s is not None and stats.train_s >= tcfg.time_budget_s and state.global_step < steps:
                 stats.stopped_by = "time_budget"
                 control.should_training_stop = True
-            self.pending = {"step": state.global_step, M.TRAIN_TOKENS_PER_S: tokens / dt,
+            self.pending: dict[str, Any] | None = {"step": state.global_step, M.TRAIN_TOKENS_PER_S: tokens / dt,
                             "train/elapsed_s": stats.train_s}
             return control
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
             # Called right after on_step_end with that step's loss (logging_steps=1).
-            if logs and "loss" in logs and getattr(self, "pending", None):
+            pending = getattr(self, "pending", None)
+            if logs and "loss" in logs and pending:
                 loss = float(logs["loss"])
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"train/loss became {loss} at step {state.global_step}: training "
                                              "diverged; lower train.lr or set train.max_grad_norm")
                 stats.losses.append(loss)
-                row = {**self.pending, M.TRAIN_LOSS: loss, "train/lr": float(logs.get("learning_rate", 0.0))}
+                row = {**pending, M.TRAIN_LOSS: loss, "train/lr": float(logs.get("learning_rate", 0.0))}
                 if row["step"] % tcfg.log_every == 0 or row["step"] == steps:
                     on_log(row)
                 self.pending = None
