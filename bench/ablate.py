@@ -1,0 +1,98 @@
+"""``python -m bench.ablate [--steps 4] [--rounds 4] [OVERRIDE ...]``: which of our loop's speed-ups pay
+on this machine, each measured against the plain path in one process, interleaved round by round.
+
+Variants: the loss over the full vocabulary projection (``model(**batch).loss``, as Trainer does) or
+on summary positions only (``loop.target_loss``), and random or length-grouped micro-batches. Each
+round runs ``--steps`` optimizer steps of every variant in turn on the same LoRA model; the first
+round is warm-up. Printed: real tokens/s per variant (median of steps) and its ratio to the plain
+variant. The process's own threads and allocator are used (start it with LD_PRELOAD to compare one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from src.config import PROJECT_ROOT, register_configs, to_plain, validate
+
+VARIANTS = {  # name: (loss on targets only, length-grouped batches)
+    "plain (full-vocab loss, random batches)": (False, False),
+    "loss on targets only": (True, False),
+    "length-grouped batches": (False, True),
+    "both (our loop)": (True, True),
+}
+
+
+def _config(overrides: list[str]) -> Any:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["logger=none", *overrides])
+    validate(cfg)  # a bad value is named before the model loads
+    return OmegaConf.create(to_plain(cfg))  # enums as their names, as the worker reads them
+
+
+def run(overrides: list[str], steps: int, rounds: int) -> dict[str, list[float]]:
+    import torch
+
+    from src import data, loop, model, worker
+
+    cfg = _config(overrides)
+    tok, net, _ = model.load(cfg.model, Path(cfg.paths.cache_dir), cfg.train.seed)
+    builder = data.PromptBuilder(tok, cfg.data.instruction, cfg.train.max_seq_len, str(cfg.data.truncation))
+    examples, _, _ = data.load_splits(cfg.data, builder, 1, cfg.train.seed)
+    net = worker._attach_lora(net, cfg)  # noqa: SLF001 - the trial's own LoRA set-up
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=float(cfg.train.lr))
+    pad_id, bs = int(tok.pad_token_id), int(cfg.train.batch_size)
+    streams = {name: loop.batches(examples, bs, cfg.train.seed, by_length=grouped)
+               for name, (_, grouped) in VARIANTS.items()}
+    rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for r in range(rounds):
+        for name, (targets, _) in VARIANTS.items():
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                batch = loop.collate(next(streams[name]), pad_id)
+                loss = loop.target_loss(net, batch) if targets else net(**batch).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if r > 0:  # round 0 is warm-up
+                    rates[name].append(int(batch["attention_mask"].sum()) / (time.perf_counter() - t0))
+    return rates
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.ablate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=4, help="steps per variant per round")
+    p.add_argument("--rounds", type=int, default=4, help="rounds (the first is warm-up)")
+    p.add_argument("--readme", type=Path, help="also write the table between this file's "
+                                               "<!-- ratios:ablation:begin/end --> markers")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args()
+    if a.rounds < 2 or a.steps < 1:
+        p.error("--rounds: at least 2 (the first is warm-up); --steps: at least 1")
+    rates = run(a.overrides, a.steps, a.rounds)
+    ref = statistics.median(rates[next(iter(VARIANTS))])
+    lines = ["| variant | real tokens/s (median) | min-max | x plain |", "|---|---|---|---|"]
+    for name, values in rates.items():
+        med = statistics.median(values)
+        lines.append(f"| {name} | {med:.1f} | {min(values):.0f}-{max(values):.0f} | {med / ref:.2f}x |")
+    shown = " ".join(["python -m bench.ablate", f"--steps {a.steps}", f"--rounds {a.rounds}", *a.overrides])
+    text = "\n".join([*lines, "", f"({(a.rounds - 1) * a.steps} steps per variant after warm-up: `{shown}`)"])
+    print(text)
+    if a.readme:
+        from analysis.ratios import replace_block
+
+        a.readme.write_text(replace_block(a.readme.read_text(), text, "ablation"))
+
+
+if __name__ == "__main__":
+    main()
