@@ -1,5 +1,7 @@
-"""``python -m bench.ablate [--steps 4] [--rounds 4] [OVERRIDE ...]``: which of our loop's speed-ups pay
-on this machine, each measured against the plain path in one process, interleaved round by round.
+"""Which of our loop's speed-ups pay on this machine, each measured against the plain path in one
+process, interleaved round by round:
+
+    python -m bench.ablate [--steps 4] [--rounds 4] [--profile STEPS] [--readme FILE] [OVERRIDE ...]
 
 Variants: the loss over the full vocabulary projection (``model(**batch).loss``, as Trainer does) or
 on summary positions only (``loop.target_loss``), and random or length-grouped micro-batches. Each
@@ -37,7 +39,7 @@ def _config(overrides: list[str]) -> Any:
     return OmegaConf.create(to_plain(cfg))  # enums as their names, as the worker reads them
 
 
-def run(overrides: list[str], steps: int, rounds: int) -> dict[str, list[float]]:
+def run(overrides: list[str], steps: int, rounds: int, profile: int = 0) -> dict[str, list[float]]:
     import torch
 
     from src import data, loop, model, worker
@@ -54,17 +56,32 @@ def run(overrides: list[str], steps: int, rounds: int) -> dict[str, list[float]]
     streams = {name: loop.batches(examples, bs, cfg.train.seed, by_length=grouped)
                for name, (_, grouped) in VARIANTS.items()}
     rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
+
+    def step(name: str, targets: bool) -> float:
+        t0 = time.perf_counter()
+        batch = loop.collate(next(streams[name]), pad_id)
+        loss = loop.target_loss(net, batch) if targets else net(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return int(batch["attention_mask"].sum()) / (time.perf_counter() - t0)
+
     for r in range(rounds):
         for name, (targets, _) in VARIANTS.items():
             for _ in range(steps):
-                t0 = time.perf_counter()
-                batch = loop.collate(next(streams[name]), pad_id)
-                loss = loop.target_loss(net, batch) if targets else net(**batch).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                rate = step(name, targets)
                 if r > 0:  # round 0 is warm-up
-                    rates[name].append(int(batch["attention_mask"].sum()) / (time.perf_counter() - t0))
+                    rates[name].append(rate)
+    if profile:
+        # Where our loop's step time goes, by operator: the evidence for what limits MFU.
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        name = list(VARIANTS)[-1]
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(profile):
+                step(name, VARIANTS[name][0])
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     return rates
 
 
@@ -75,11 +92,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4, help="rounds (the first is warm-up)")
     p.add_argument("--readme", type=Path, help="also write the table between this file's "
                                                "<!-- ratios:ablation:begin/end --> markers")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="then profile this many steps of our loop with torch.profiler and print the top operators")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     if a.rounds < 2 or a.steps < 1:
         p.error("--rounds: at least 2 (the first is warm-up); --steps: at least 1")
-    rates = run(a.overrides, a.steps, a.rounds)
+    rates = run(a.overrides, a.steps, a.rounds, a.profile)
     ref = statistics.median(rates[next(iter(VARIANTS))])
     lines = ["| variant | real tokens/s (median) | min-max | x plain |", "|---|---|---|---|"]
     for name, values in rates.items():

@@ -101,8 +101,8 @@ def test_bench_runs_both_engines_interleaved_and_writes_json_and_readme(tmp_path
 
 
 def test_ablation_prints_every_variant_against_the_plain_path(data_root, cache_dir):
-    proc = subprocess.run([sys.executable, "-m", "bench.ablate", "--steps", "1", "--rounds", "2", *TINY,
-                           f"data.root={data_root}", f"paths.cache_dir={cache_dir}"],
+    proc = subprocess.run([sys.executable, "-m", "bench.ablate", "--steps", "1", "--rounds", "2", "--profile", "1",
+                           *TINY,                           f"data.root={data_root}", f"paths.cache_dir={cache_dir}"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "x plain" not in line]
@@ -110,3 +110,4 @@ def test_ablation_prints_every_variant_against_the_plain_path(data_root, cache_d
 
     assert [r.split(" | ")[0].lstrip("| ") for r in rows] == list(VARIANTS)
     assert rows[0].endswith("| 1.00x |")
+    assert "aten::mm" in proc.stdout and "Self CPU" in proc.stdout  # the profile of our loop's step
