@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import get_scheduler
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from src import metrics as M
 from src.data import Example
@@ -61,27 +60,40 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def _length_grouped(lengths: list[int], batch_size: int, rng: random.Random, per_group: int = 50) -> list[list[int]]:
+    """One epoch of index batches of similar length, in random order.
+
+    Like transformers' LengthGroupedSampler (random groups of ``per_group`` batches, each sorted by
+    length and cut into batches), except that the batches are then shuffled: that sampler puts every
+    group's longest batches first, so a run of a few dozen steps would train, and measure its
+    tokens/s, mostly on the longest examples.
+    """
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    size = per_group * batch_size
+    out: list[list[int]] = []
+    for start in range(0, len(order), size):
+        group = sorted(order[start:start + size], key=lambda i: lengths[i])
+        out.extend(group[i:i + batch_size] for i in range(0, len(group), batch_size))
+    rng.shuffle(out)
+    return out
+
+
 def batches(examples: list[Example], batch_size: int, seed: int, by_length: bool = False,
             ) -> Iterator[list[Example]]:
-    """Endless stream of micro-batches, reshuffled every epoch with a seeded generator.
-
-    ``by_length``: transformers' LengthGroupedSampler orders each epoch so that a micro-batch holds
-    examples of similar length (random groups of 50 batches sorted by length, the batches then
-    shuffled), so little of it is padding; the examples seen per epoch are the same.
-    """
+    """Endless stream of micro-batches, reshuffled every epoch with a seeded generator; ``by_length``:
+    each batch holds examples of similar length, so little of it is padding (same examples per epoch)."""
     rng = random.Random(seed)
     order = list(range(len(examples)))
     lengths = [len(ex.input_ids) for ex in examples]
-    epoch = 0
     while True:
         if by_length:
-            gen = torch.Generator().manual_seed(seed + epoch)
-            order = list(LengthGroupedSampler(batch_size, lengths=lengths, generator=gen))
-        else:
-            rng.shuffle(order)
+            for idx in _length_grouped(lengths, batch_size, rng):
+                yield [examples[j] for j in idx]
+            continue
+        rng.shuffle(order)
         for i in range(0, len(order), batch_size):
             yield [examples[j] for j in order[i:i + batch_size]]
-        epoch += 1
 
 
 # Config attributes of models whose logits are transformed after the vocabulary projection (soft

@@ -152,20 +152,27 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def run(t: Trial) -> None:
+    # Each stage outside training and evaluation is timed: together they are the sweep's overhead.
+    t0 = time.perf_counter()
     from src import baseline, cost, cpu, data, evaluate, loop, model, quant
 
+    t.timings["import_s"] = time.perf_counter() - t0
     cfg, tdir = t.cfg, t.trial_dir
+    t0 = time.perf_counter()
     _apply_cpu(cfg)
     t.cpu = cpu.in_effect(cfg.cpu)
+    t.timings["cpu_probe_s"] = time.perf_counter() - t0
     _seed(cfg.train.seed)
     cache_dir = Path(cfg.paths.cache_dir)
 
     t0 = time.perf_counter()
     tok, net, t.data["model"] = model.load(cfg.model, cache_dir, cfg.train.seed)
     t.timings["load_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     builder = data.PromptBuilder(tok, cfg.data.instruction, cfg.train.max_seq_len, str(cfg.data.truncation))
     train_ex, eval_ex, t.data["splits"] = data.load_splits(cfg.data, builder, cfg.eval.num_examples,
                                                            cfg.train.seed)
+    t.timings["data_s"] = time.perf_counter() - t0
     pad_id, eos_id = int(tok.pad_token_id), builder.eos_id
 
     def score(m: Any, timings: dict[str, float] | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -179,6 +186,7 @@ def run(t: Trial) -> None:
     # The trial's own cost is measured from here: the untuned baseline is shared by every trial.
     meter = cost.EnergyMeter.start()
     _seed(cfg.train.seed)
+    t0 = time.perf_counter()
     if quant.active(cfg.quant):
         del net  # free the fp32 model before its quantized twin loads: both at once would inflate the peak
         gc.collect()
@@ -188,6 +196,7 @@ def run(t: Trial) -> None:
         t.data["quant"] = {"backend": "none", "bits": 32}
     net = _attach_lora(net, cfg)
     t.data["trainable_params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    t.timings["setup_s"] = time.perf_counter() - t0  # quantizing, attaching LoRA
     with open(tdir / TRAIN_LOG, "w") as train_log:
         def on_log(row: dict[str, float]) -> None:
             train_log.write(json.dumps(row) + "\n")

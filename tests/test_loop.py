@@ -151,3 +151,15 @@ def test_length_grouping_covers_every_example_each_epoch_with_less_padding():
     for _ in range(2):  # two epochs, each a permutation of the examples
         assert sorted(e.id for _ in range(100) for e in next(stream)) == sorted(e.id for e in ex)
     assert _padding(ex, 4, by_length=True) < 0.2 * _padding(ex, 4, by_length=False)
+
+
+def test_length_grouped_batches_come_in_random_order_so_a_short_run_is_not_biased_to_long_examples():
+    """A 16-step run sees a fair sample of the epoch's batches: across seeds, the first 16 batches are
+    as long on average as the whole epoch (a sorted order would put the longest first)."""
+    g = torch.Generator().manual_seed(4)
+    ex = [Example(str(i), [1] * int(n), [2], "", False)
+          for i, n in enumerate(torch.randint(5, 300, (800,), generator=g))]
+    epoch_mean = sum(len(e.input_ids) for e in ex) / len(ex)
+    first = [len(e.input_ids) for seed in range(30)
+             for stream in [loop.batches(ex, 4, seed=seed, by_length=True)] for _ in range(16) for e in next(stream)]
+    assert abs(sum(first) / len(first) / epoch_mean - 1) < 0.1
