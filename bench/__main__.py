@@ -58,12 +58,13 @@ def sweep_command(sweep_dir: Path, pairs: int, overrides: list[str]) -> list[str
             f"train.seed={seeds}", f"train.engine={','.join(ENGINES)}", *overrides]
 
 
-def run_sweep(sweep_dir: Path, pairs: int, overrides: list[str]) -> dict[str, Any]:
+def run_sweep(sweep_dir: Path, pairs: int, overrides: list[str], invocation: str) -> dict[str, Any]:
     cmd = sweep_command(sweep_dir, pairs, overrides)
     print("+", " ".join(cmd[1:]), file=sys.stderr, flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT)
-    info = {"command": ["python", *cmd[1:]], "wall_s": time.perf_counter() - start, "returncode": proc.returncode}
+    info = {"invocation": invocation, "command": ["python", *cmd[1:]], "wall_s": time.perf_counter() - start,
+            "returncode": proc.returncode}
     (sweep_dir / SWEEP_FILE).write_text(json.dumps(info, indent=2))
     return info
 
@@ -121,12 +122,14 @@ def table(report: dict[str, Any]) -> str:
             ("sweep overhead, share of trial wall", "overhead_fraction", "pct"),
             ("trial wall, s", "trial_wall_s", "n")]
     e = s["engines"]
-    lines = [f"Machine: {m['model']}, {m['usable_cores']} usable cores, "
+    isa = ", ".join(f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if m["flags"].get(f))
+    lines = [f"Machine: {m['model']}, {m['usable_cores']} usable cores ({isa or 'no AVX-512'}), "
              f"fp32 GEMM peak {report['gemm']['gflops_peak']:.0f} GFLOP/s ({shape['threads']} threads). "
              f"Trial: {shape['model']} ({shape['n_params'] / 1e6:.1f}M params), LoRA r={shape['lora_r']}, "
              f"batch {shape['batch_size']} x up to {shape['max_seq_len']} tokens, {shape['max_steps']} steps, "
              f"{shape['dtype']}, allocator {shape['allocator']}; {e['loop']['n']} + {e['hf_trainer']['n']} trials "
-             f"interleaved. Measured {report['finished_at'][:10]} with `{report['command']}`.",
+             f"interleaved. Measured {report['finished_at'][:10]} by `{report['invocation']}`, i.e. the sweep "
+             f"`python -m src.train -m {' '.join(_trial_overrides(report['command']))}`.",
              "",
              "| quantity | our loop | transformers.Trainer | loop / Trainer |",
              "|---|---|---|---|"]
@@ -141,6 +144,11 @@ def table(report: dict[str, Any]) -> str:
         met = "-" if v["met"] is None else ("yes" if v["met"] else "**no**")
         lines.append(f"| {v['target']} | {v['goal']} | {_fmt(v['measured'], kind)} | {met} |")
     return "\n".join(lines)
+
+
+def _trial_overrides(command: str) -> list[str]:
+    """The sweep's own overrides, without the benchmark's housekeeping (sweep folder, study name)."""
+    return [w for w in command.split()[4:] if not w.startswith("hydra.")]
 
 
 def _slug(text: str) -> str:
@@ -170,13 +178,16 @@ def main(argv: list[str] | None = None) -> int:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         threads = _threads(a.overrides)
         before = gemm(threads)
-        sweep_info = run_sweep(sweep_dir, a.pairs, a.overrides)
+        sweep_info = run_sweep(sweep_dir, a.pairs, a.overrides,
+                               " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)]))
         after = gemm(threads)
         # The better of two measurements, one either side of the sweep: MFU is never flattered by a
         # peak measured while the machine happened to be slow.
         gemm_info = {**max(before, after, key=lambda g: g["gflops_peak"]), "before": before, "after": after}
         (sweep_dir / GEMM_FILE).write_text(json.dumps(gemm_info, indent=2))
+    invocation = " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)])
     report: dict[str, Any] = {"machine": machine, "gemm": gemm_info, "command": " ".join(sweep_info["command"]),
+                              "invocation": sweep_info.get("invocation", invocation),
                               "sweep_dir": str(sweep_dir), "sweep_wall_s": sweep_info["wall_s"],
                               "finished_at": datetime.now(UTC).isoformat(timespec="seconds")}
     report.update(collect(sweep_dir, gemm_info["gflops_peak"], sweep_info["wall_s"]))
