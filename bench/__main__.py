@@ -26,18 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from bench import measure
-from src import hw, results
+from bench.trial_config import compose
+from src import cpu, hw, results
 from src.config import PROJECT_ROOT
 
 ENGINES = ("loop", "hf_trainer")
 GEMM_FILE, SWEEP_FILE, RESULT_FILE = "bench_gemm.json", "bench_sweep.json", "bench.json"
-
-
-def _threads(overrides: list[str]) -> int:
-    for o in overrides:
-        if o.startswith("cpu.threads=") and o.split("=", 1)[1] not in ("null", ""):
-            return int(o.split("=", 1)[1])
-    return hw.usable_cores()
 
 
 def gemm(threads: int) -> dict[str, Any]:
@@ -168,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.pairs < 1:
         p.error("--pairs: give at least 1 (5 or more for numbers worth quoting)")
     machine = hw.probe()
+    invocation = " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)])
     if a.from_dir:
         sweep_dir = a.from_dir.resolve()
         gemm_info = json.loads((sweep_dir / GEMM_FILE).read_text())
@@ -176,16 +171,15 @@ def main(argv: list[str] | None = None) -> int:
         stamp = datetime.now(UTC).strftime("%Y-%m-%d_%H-%M-%S")
         sweep_dir = (a.sweep_dir or PROJECT_ROOT / "multirun" / f"bench-{stamp}").resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        threads = _threads(a.overrides)
+        # The trials' own thread count, from their config (which also names a bad override before any work).
+        threads = cpu.threads_for(compose(a.overrides).cpu)
         before = gemm(threads)
-        sweep_info = run_sweep(sweep_dir, a.pairs, a.overrides,
-                               " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)]))
+        sweep_info = run_sweep(sweep_dir, a.pairs, a.overrides, invocation)
         after = gemm(threads)
         # The better of two measurements, one either side of the sweep: MFU is never flattered by a
         # peak measured while the machine happened to be slow.
         gemm_info = {**max(before, after, key=lambda g: g["gflops_peak"]), "before": before, "after": after}
         (sweep_dir / GEMM_FILE).write_text(json.dumps(gemm_info, indent=2))
-    invocation = " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)])
     report: dict[str, Any] = {"machine": machine, "gemm": gemm_info, "command": " ".join(sweep_info["command"]),
                               "invocation": sweep_info.get("invocation", invocation),
                               "sweep_dir": str(sweep_dir), "sweep_wall_s": sweep_info["wall_s"],

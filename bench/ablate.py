@@ -16,9 +16,8 @@ import argparse
 import statistics
 import time
 from pathlib import Path
-from typing import Any
 
-from src.config import PROJECT_ROOT, register_configs, to_plain, validate
+from bench.trial_config import compose
 
 VARIANTS = {  # name: (loss on targets only, length-grouped batches)
     "plain (full-vocab loss, random batches)": (False, False),
@@ -28,23 +27,12 @@ VARIANTS = {  # name: (loss on targets only, length-grouped batches)
 }
 
 
-def _config(overrides: list[str]) -> Any:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["logger=none", *overrides])
-    validate(cfg)  # a bad value is named before the model loads
-    return OmegaConf.create(to_plain(cfg))  # enums as their names, as the worker reads them
-
-
 def run(overrides: list[str], steps: int, rounds: int, profile: int = 0) -> dict[str, list[float]]:
     import torch
 
     from src import data, loop, model, worker
 
-    cfg = _config(overrides)
+    cfg = compose(["logger=none", *overrides])
     tok, net, _ = model.load(cfg.model, Path(cfg.paths.cache_dir), cfg.train.seed)
     builder = data.PromptBuilder(tok, cfg.data.instruction, cfg.train.max_seq_len, str(cfg.data.truncation))
     examples, _, _ = data.load_splits(cfg.data, builder, 1, cfg.train.seed)

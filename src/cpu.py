@@ -124,6 +124,12 @@ def warnings_for(cpu: Any, flags: set[str] | None = None) -> list[str]:
     return out
 
 
+def threads_for(cpu: Any) -> int:
+    """The worker's thread count: cpu.threads, else one per pinned core, else one per usable core."""
+    cores = parse_cores(cpu.cores)
+    return int(cpu.threads or (len(cores) if cores else hw.usable_cores()))
+
+
 def env(cpu: Any, threads: int) -> dict[str, str]:
     """Environment variables for the worker: thread pools, OpenMP binding, allocator, ISA caps."""
     out = {"PARETUNE_THREADS": str(threads),

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from src import cpu, hw
+from src import cpu
 from src.config import PROJECT_ROOT
 
 WORKER_LOG = "worker.log"
@@ -35,9 +35,7 @@ def worker_env(cfg: Any, base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     for key in _SECRET_ENV:
         env.pop(key, None)
-    cores = cpu.parse_cores(cfg.cpu.cores)
-    threads = cfg.cpu.threads or (len(cores) if cores else hw.usable_cores())
-    env.update(cpu.env(cfg.cpu, threads))
+    env.update(cpu.env(cfg.cpu, cpu.threads_for(cfg.cpu)))
     env.update({
         "TOKENIZERS_PARALLELISM": "false",  # the tokenizer's own pool would compete for the same cores
         "PYTHONUNBUFFERED": "1",

@@ -90,10 +90,9 @@ def run_trial(cfg: DictConfig, trial_dir: Path, trial: dict[str, Any]) -> TrialR
     exit_ = runtime.run_worker(trial_dir, runtime.worker_env(cfg), timeout_s, preexec=preexec,
                                python=quant.worker_python(cfg.quant, cfg.paths.ipex_python))
     try:
-        result = results.read(trial_dir)
+        result, worker_wrote_it = results.read(trial_dir), True
     except (OSError, ValueError, TypeError):
-        result = _failed_without_record(plain, trial, exit_, timeout_s)
-        results.write(trial_dir, result)
+        result, worker_wrote_it = _failed_without_record(plain, trial, exit_, timeout_s), False
     if result.status == "completed" and not exit_.ok:
         log.warning("the worker wrote a completed record, then %s", exit_.describe(timeout_s))
     # The worker's wall time as the parent saw it (process start and exit included): kept in the record.
@@ -101,6 +100,8 @@ def run_trial(cfg: DictConfig, trial_dir: Path, trial: dict[str, Any]) -> TrialR
     try:
         results.write(trial_dir, result)
     except results.RecordError as exc:
+        if not worker_wrote_it:
+            raise  # no record at all: the sweep must say so
         log.warning("%s; trial_wall_s is only in the local log", exc)
     tracking.track(result, trial_dir, cfg.logger)
     _announce(result, trial_dir)
