@@ -6,7 +6,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (
+    CohereConfig,
+    CohereForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from src import loop
 from src.data import Example
@@ -126,12 +135,37 @@ def test_target_loss_equals_the_models_own_loss_and_gradients():
             torch.testing.assert_close(p.grad, expected[k], rtol=1e-5, atol=1e-7)
 
 
-def test_models_with_transformed_logits_take_the_plain_path():
-    net = _model()
-    net.get_base_model().config.final_logit_softcapping = 30.0  # as Gemma 2: the head's output is capped
-    assert loop._body_and_head(net) is None
+# Real architectures that transform the head's logits, each with one of loop._LOGIT_TRANSFORMS:
+# Gemma 2 caps them (tanh), Cohere multiplies and Granite divides them by a constant.
+TRANSFORMED_LOGITS = [
+    (Gemma2ForCausalLM, Gemma2Config, {"final_logit_softcapping": 0.5, "head_dim": 8}),
+    (CohereForCausalLM, CohereConfig, {"logit_scale": 4.0}),
+    (GraniteForCausalLM, GraniteConfig, {"logits_scaling": 0.25}),
+]
+
+
+@pytest.mark.parametrize(("model_cls", "config_cls", "transform"), TRANSFORMED_LOGITS,
+                         ids=[c[0].__name__ for c in TRANSFORMED_LOGITS])
+def test_models_with_transformed_logits_take_the_plain_path(model_cls, config_cls, transform):
+    """The loss trained on is the model's own, transform included. Projecting the body's output with
+    the head, as the fast path does, would skip the transform: on these models that is another loss."""
+    torch.manual_seed(0)
+    # init_range 0.5: logits wide enough that the transform changes the loss a lot (at 0.02 a softcap
+    # of 0.5 is nearly the identity, and the two losses would agree to 3 digits)
+    base = model_cls(config_cls(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, intermediate_size=64, pad_token_id=0, bos_token_id=1,
+                                eos_token_id=2, initializer_range=0.5, **transform))
+    net = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     batch = loop.collate(_examples(), pad_id=0)
-    assert loop.target_loss(net, batch).item() == pytest.approx(net(**batch).loss.item())
+    own = net(**batch).loss.item()
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    untransformed = torch.nn.functional.cross_entropy(base.get_output_embeddings()(hidden[:, :-1][keep]),
+                                                      labels[keep]).item()
+    assert abs(untransformed - own) > 1.0, (untransformed, own)  # the transform matters on this model
+    assert loop.target_loss(net, batch).item() == pytest.approx(own, rel=1e-6)
+    assert loop._body_and_head(net) is None  # the plain path was taken
 
 
 def _padding(examples, batch_size, by_length):
