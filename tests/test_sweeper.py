@@ -23,6 +23,13 @@ from src.sweeper.base import tell
 from src.sweeper.optuna_sweeper import OptunaSweeper
 
 SAMPLERS = sorted(p.stem for p in (PROJECT_ROOT / "conf/hydra/sweeper/sampler").glob("*.yaml"))
+# The Optuna class each sampler option must build: a config that built another one (or none, which
+# is Optuna's default TPE) would silently run a different search.
+SAMPLER_CLASSES = {"bruteforce": optuna.samplers.BruteForceSampler, "cmaes": optuna.samplers.CmaEsSampler,
+                   "gp": optuna.samplers.GPSampler, "grid": optuna.samplers.GridSampler,
+                   "nsgaii": optuna.samplers.NSGAIISampler, "nsgaiii": optuna.samplers.NSGAIIISampler,
+                   "qmc": optuna.samplers.QMCSampler, "random": optuna.samplers.RandomSampler,
+                   "tpe": optuna.samplers.TPESampler}
 
 
 def build(*overrides: str) -> space.SearchSpace:
@@ -205,8 +212,10 @@ def test_every_sampler_config_builds_and_samples(name):
     finite = name in ("grid", "bruteforce")
     s = build("r=4,8,16", "t=range(1,3)") if finite else build("r=4,8,16", "lr=tag(log,interval(1e-4,1e-2))")
     sweeper = OptunaSweeper(sampler=cfg.hydra.sweeper.sampler, n_trials=10 if finite else 4, storage="unused")
-    sampler = sweeper.make_sampler(s)
     directions = ["minimize"] if name == "cmaes" else ["maximize", "minimize"]  # CMA-ES: one objective
+    sampler = sweeper.make_sampler(s, len(directions))
+    assert name in SAMPLER_CLASSES, f"name the Optuna class sampler/{name}.yaml builds in SAMPLER_CLASSES"
+    assert type(sampler) is SAMPLER_CLASSES[name], type(sampler)
     study = optuna.create_study(sampler=sampler, directions=directions)
     seen = []
     for i in range(sweeper._limit(s)):
