@@ -342,14 +342,13 @@ def _check_model(m: DictConfig, errors: list[str]) -> None:
 
 
 def _check_data(d: DictConfig, errors: list[str]) -> None:
-    from src.data import split_paths
+    from src.data import file_problem, split_paths
 
     paths = split_paths(d)
     for key, split in (("train_file", "train"), ("eval_file", "eval")):
-        p = paths[split]
-        if not p.is_file():
-            errors.append(f"data.{key}: {p} does not exist; set data.root=<folder> (or the environment "
-                          f"variable PARETUNE_DATA_DIR) and data.{key}=<file name>")
+        problem = file_problem(paths[split], key)  # missing, a directory, a FIFO, a symlink loop...
+        if problem:
+            errors.append(f"data.{key}: {problem}")
     _range(errors, "data.max_train_examples", d.max_train_examples, 1, allow_none=True)
     try:
         d.instruction.format(header="X")

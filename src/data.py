@@ -7,8 +7,10 @@ Error messages never quote a record's text: clinical notes must not reach logs.
 
 from __future__ import annotations
 
+import errno
 import json
 import random
+import stat
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,12 @@ from typing import Any
 _SENTINEL = "\u2063PARETUNE_SOURCE\u2063"
 # A truncated dialogue keeps at least this many tokens before the summary itself is cut.
 _MIN_SOURCE_TOKENS = 32
+# Texts are cut to (max_seq_len + 1) * this many characters before tokenizing, so a pathological
+# example (a 50 MB field) costs what the token budget allows, not its size. Generous on purpose: the
+# cut must leave more tokens than the budget keeps, or the kept tokens would change; SmolLM2's
+# longest token is 81 characters, English prose averages about 4.
+_MAX_CHARS_PER_TOKEN = 128
+_BOM = b"\xef\xbb\xbf"
 
 
 class DataError(ValueError):
@@ -67,11 +75,54 @@ def _field_error(path: Path, lineno: int, key: str, field: str, problem: str) ->
     return DataError(f"{path}:{lineno}: {problem} '{field}' (set data.{key} to the field that holds it)")
 
 
+def file_problem(path: Path, key: str | None = None) -> str | None:
+    """What stops ``path`` from being read as a data file, with the fix; None when it is a regular file.
+
+    Only ``stat`` is used: a FIFO must be named, never opened (opening one blocks until a writer comes).
+    """
+    field = f"data.{key}" if key else "data.train_file / data.eval_file"
+    try:
+        st = path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{path} is a symlink loop; point the link at the real file, or set {field} to it"
+        if exc.errno == errno.EACCES:
+            return (f"{path} cannot be reached (permission denied on a folder above it); make the folder "
+                    "searchable by the user running the trial, or copy the file elsewhere")
+        if path.is_symlink():
+            return f"{path} is a broken symlink; point the link at an existing file, or set {field} to one"
+        return (f"{path} does not exist; set data.root=<folder> (or the environment variable "
+                f"PARETUNE_DATA_DIR) and {field}=<file name>")
+    if stat.S_ISDIR(st.st_mode):
+        return f"{path} is a directory, not a file; set {field} to a JSON Lines file inside it"
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "special")
+        # The file is read twice (checked here, loaded again by the worker): a stream would be consumed.
+        return (f"{path} is {kind}, not a regular file; data files are read more than once, so write "
+                f"the data to a regular file and set {field} to it")
+    return None
+
+
+def _read(path: Path) -> bytes:
+    problem = file_problem(path)
+    if problem:
+        raise DataError(problem)
+    try:
+        return path.read_bytes()
+    except PermissionError:
+        raise DataError(f"{path} cannot be read (permission denied); make it readable by the user running "
+                        f"the trial (chmod u+r, or copy it to a file you own)") from None
+    except OSError as exc:
+        raise DataError(f"{path} cannot be read ({exc.strerror or type(exc).__name__}); check the file "
+                        "and the disk, or copy it elsewhere") from None
+
+
 def load_records(path: Path, dcfg: Any) -> list[Record]:
     """Read and check every record of one JSON Lines file."""
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; set data.root (or PARETUNE_DATA_DIR) and the file name")
-    raw = path.read_bytes()
+    raw = _read(path)
+    # A byte order mark (Excel and Notepad's "UTF-8 with BOM") carries no data: accept it.
+    raw = raw.removeprefix(_BOM)
     if not raw.strip():
         raise DataError(f"{path} is empty; it needs one JSON object per line")
     records: list[Record] = []
@@ -101,6 +152,17 @@ def load_records(path: Path, dcfg: Any) -> list[Record]:
     return records
 
 
+def _unicode(value: str, path: Path, lineno: int, key: str, field: str) -> str:
+    """``value`` if it is valid Unicode; JSON's escapes can spell a lone surrogate that UTF-8 cannot hold."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(f"{path}:{lineno}: field '{field}' (data.{key}) holds a lone surrogate escape "
+                        f"(\\u{ord(value[exc.start]):04x}) at character {exc.start}, which is not valid "
+                        "Unicode; fix that escape (or re-export the file as UTF-8)") from None
+    return value
+
+
 def _record(obj: dict[str, Any], path: Path, lineno: int, dcfg: Any) -> Record:
     def text_field(key: str, field: str) -> str:
         if field not in obj:
@@ -108,9 +170,17 @@ def _record(obj: dict[str, Any], path: Path, lineno: int, dcfg: Any) -> Record:
         value = obj[field]
         if not isinstance(value, str) or not value.strip():
             raise _field_error(path, lineno, key, field, "empty or non-text field")
-        return value.strip()
+        return _unicode(value.strip(), path, lineno, key, field)
 
-    rid = str(lineno) if dcfg.id_field is None else str(obj.get(dcfg.id_field, "")).strip()
+    if dcfg.id_field is None:
+        rid = str(lineno)
+    else:
+        value = obj.get(dcfg.id_field, "")
+        # null, true or a list would become the id "None", "True", "[...]": refuse rather than guess
+        if value is None or isinstance(value, bool | list | dict):
+            raise _field_error(path, lineno, "id_field", dcfg.id_field,
+                               f"{'null' if value is None else type(value).__name__} id in field")
+        rid = _unicode(str(value).strip(), path, lineno, "id_field", dcfg.id_field)
     if not rid:
         raise _field_error(path, lineno, "id_field", dcfg.id_field, "missing field")
     header = text_field("header_field", dcfg.header_field) if dcfg.header_field else None
@@ -119,13 +189,27 @@ def _record(obj: dict[str, Any], path: Path, lineno: int, dcfg: Any) -> Record:
 
 
 def split_paths(dcfg: Any) -> dict[str, Path]:
-    root = Path(dcfg.root).expanduser().resolve()
+    try:
+        root = Path(dcfg.root).expanduser().resolve()
+    except (RuntimeError, OSError):  # Python 3.11 reports a symlink loop as RuntimeError
+        raise DataError(f"data.root: {dcfg.root} is a symlink loop; point data.root (or PARETUNE_DATA_DIR) "
+                        "at the real folder") from None
     return {"train": root / dcfg.train_file, "eval": root / dcfg.eval_file}
 
 
-def check_files(dcfg: Any) -> dict[str, int]:
-    """Read and check both splits without a tokenizer: cheap, run by the parent before a worker starts."""
-    return {split: len(load_records(p, dcfg)) for split, p in split_paths(dcfg).items()}
+def check_files(dcfg: Any, eval_examples: int | None = None) -> dict[str, int]:
+    """Read and check both splits without a tokenizer: cheap, run by the parent before a worker starts.
+
+    With ``eval_examples`` (eval.num_examples), also refuse an eval file that holds fewer records:
+    scoring fewer examples than asked would make trials look comparable when they are not.
+    """
+    paths = split_paths(dcfg)
+    counts = {split: len(load_records(p, dcfg)) for split, p in paths.items()}
+    if eval_examples is not None and eval_examples > counts["eval"]:
+        raise DataError(f"eval.num_examples={eval_examples}, but {paths['eval']} (data.eval_file) has only "
+                        f"{counts['eval']} records; set eval.num_examples={counts['eval']} or less, or "
+                        "use a larger eval file")
+    return counts
 
 
 class PromptBuilder:
@@ -157,14 +241,19 @@ class PromptBuilder:
     def build(self, rec: Record) -> Example | None:
         """Tokenize one record; None when the drop policy skips it."""
         before, after = self._prompt_parts(rec.header)
-        source = self._encode(rec.source)
-        target = self._encode(rec.summary) + [self.eos_id]
+        # No more of a text than the budget can use is tokenized; a text cut here is truncated.
+        limit = (self.max_seq_len + 1) * _MAX_CHARS_PER_TOKEN
+        source = self._encode(rec.source[:limit])
+        target = self._encode(rec.summary[:limit])
+        if len(rec.summary) <= limit:
+            target.append(self.eos_id)  # a summary cut short does not end: no end marker to learn
         overflow = len(before) + len(source) + len(after) + len(target) - self.max_seq_len
-        truncated = overflow > 0
+        truncated = overflow > 0 or len(rec.source) > limit or len(rec.summary) > limit
         if truncated:
             if self.truncation == "drop":
                 return None
-            cut_source = min(overflow, max(0, len(source) - _MIN_SOURCE_TOKENS))
+            # overflow <= 0 only when a text was cut by characters and its tokens then fit the budget
+            cut_source = min(max(overflow, 0), max(0, len(source) - _MIN_SOURCE_TOKENS))
             source = source[: len(source) - cut_source]
             rest = overflow - cut_source
             if rest > 0:  # the summary alone is too long: it is cut too, and loses its end marker

@@ -46,7 +46,7 @@ def git_state(root: Path = PROJECT_ROOT) -> dict[str, Any]:
 def preflight(cfg: DictConfig) -> dict[str, int]:
     """Every check that is cheap, before a worker starts: schema rules, then the data files."""
     validate(cfg)
-    return data.check_files(cfg.data)
+    return data.check_files(cfg.data, cfg.eval.num_examples)
 
 
 def _failed_without_record(cfg: dict[str, Any], trial: dict[str, Any], exit_: runtime.WorkerExit,

@@ -19,7 +19,7 @@ GOOD = {"id": "a", "source": "Doctor: hi. Patient: my knee hurts.", "summary": "
 def _data(root: Path, content: bytes | None) -> Path:
     """A data folder whose train file has ``content`` (None: no train file at all)."""
     root.mkdir(parents=True, exist_ok=True)
-    write_jsonl(root / "validation.jsonl", [GOOD])
+    write_jsonl(root / "validation.jsonl", [GOOD, {**GOOD, "id": "b"}])  # as many as TINY's eval.num_examples
     if content is not None:
         (root / "train.jsonl").write_bytes(content)
     return root

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer
@@ -56,7 +59,7 @@ def test_errors_never_quote_record_text(tmp_path):
 
 
 def test_missing_file_names_root_and_environment_variable(tmp_path):
-    with pytest.raises(DataError, match="data.root .*PARETUNE_DATA_DIR"):
+    with pytest.raises(DataError, match="data.root.*PARETUNE_DATA_DIR"):
         data.load_records(tmp_path / "nope.jsonl", DCFG)
 
 
@@ -123,3 +126,107 @@ def test_everything_dropped_is_an_error_not_an_empty_run(tokenizer, data_root):
                                   "eval_file": "validation.jsonl", "max_train_examples": None})
     with pytest.raises(DataError, match="raise train.max_seq_len"):
         data.load_splits(dcfg, PromptBuilder(tokenizer, "{header}", 40, "drop"), 2, seed=1)
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + write_jsonl(tmp_path / "plain.jsonl", [_row(1), _row(2)]).read_bytes())
+    assert [r.id for r in data.load_records(path, DCFG)] == ["r1", "r2"]
+
+
+@pytest.mark.parametrize("field,key", [("source", "source_field"), ("summary", "summary_field"),
+                                       ("section_header", "header_field"), ("id", "id_field")])
+def test_a_lone_surrogate_is_refused_with_line_and_field(tmp_path, field, key):
+    path = tmp_path / "d.jsonl"
+    bad = _row(2).copy()
+    bad[field] = "SECRET-TEXT \ud800 more"
+    path.write_bytes(write_jsonl(tmp_path / "x.jsonl", [_row(1), bad]).read_bytes())
+    with pytest.raises(DataError) as err:
+        data.load_records(path, DCFG)
+    msg = str(err.value)
+    assert f"{path}:2:" in msg and f"'{field}' (data.{key})" in msg and "lone surrogate" in msg
+    assert "SECRET-TEXT" not in msg
+
+
+@pytest.mark.parametrize("value,shown", [(None, "null id"), (True, "bool id"), (["a"], "list id")])
+def test_an_id_that_is_not_a_string_or_number_is_refused(tmp_path, value, shown):
+    path = write_jsonl(tmp_path / "d.jsonl", [_row(1, id=value)])
+    with pytest.raises(DataError, match=f"{shown} in field 'id' \\(set data.id_field"):
+        data.load_records(path, DCFG)
+
+
+def test_numeric_ids_are_kept(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [_row(1, id=7), _row(2, id=8)])
+    assert [r.id for r in data.load_records(path, DCFG)] == ["7", "8"]
+
+
+def test_file_problem_names_what_the_path_is(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", [_row(1)])
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    assert data.file_problem(good, "train_file") is None
+    expect = {"missing.jsonl": "does not exist", ".": "is a directory", "fifo": "is a FIFO (named pipe), not a "
+              "regular file", "loop": "is a symlink loop", "dangling": "is a broken symlink"}
+    for name, fragment in expect.items():
+        problem = data.file_problem(tmp_path / name, "eval_file")
+        assert problem and fragment in problem and "data.eval_file" in problem, (name, problem)
+
+
+def test_a_fifo_is_refused_without_being_opened(tmp_path):
+    os.mkfifo(tmp_path / "fifo.jsonl")  # opening it would block until a writer comes: the test would hang
+    with pytest.raises(DataError, match="not a regular file"):
+        data.load_records(tmp_path / "fifo.jsonl", DCFG)
+
+
+def test_an_unreadable_file_gives_a_message_with_the_fix(tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "d.jsonl", [_row(1)])
+
+    def denied(self: Path) -> bytes:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(DataError, match="cannot be read \\(permission denied\\); make it readable"):
+        data.load_records(path, DCFG)
+
+
+def test_eval_num_examples_beyond_the_eval_file_is_refused(data_root):
+    dcfg = OmegaConf.merge(DCFG, {"root": str(data_root), "train_file": "train.jsonl",
+                                  "eval_file": "validation.jsonl"})
+    assert data.check_files(dcfg, 3) == {"train": 6, "eval": 3}
+    with pytest.raises(DataError, match="eval.num_examples=4, but .*validation.jsonl .* has only 3 records"):
+        data.check_files(dcfg, 4)
+
+
+class _Recording:
+    """The tokenizer, recording the length of every text it is handed."""
+
+    def __init__(self, tok):
+        self.tok, self.lengths = tok, []
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def __call__(self, text, **kw):
+        self.lengths.append(len(text))
+        return self.tok(text, **kw)
+
+
+def test_a_huge_example_is_cut_before_tokenizing_and_counted(tokenizer):
+    """A 5 MB field must cost what the budget allows: the tokenizer never sees more than a bounded prefix."""
+    rec_tok = _Recording(tokenizer)
+    budget = 128
+    builder = PromptBuilder(rec_tok, "Write the {header} section.", budget, "truncate")
+    huge = "Doctor: and then? Patient: " + "the pain comes and goes " * 200_000
+    stats = data.SplitStats("f", records=2)
+    out = builder.build_all([Record("h", huge, "Pain.", "CC"), Record("s", huge[:100], "x " * 50_000, "CC")],
+                            stats)
+    assert max(rec_tok.lengths) <= (budget + 1) * data._MAX_CHARS_PER_TOKEN < len(huge) // 10
+    assert (stats.used, stats.truncated) == (2, 2)
+    assert all(len(ex.input_ids) == budget for ex in out)
+    assert tokenizer.decode(out[0].target_ids) == "Pain.<|im_end|>"
+    assert out[1].target_ids[-1] != tokenizer.eos_token_id  # the cut summary has no end marker
+    # the kept tokens are those whole-text tokenization would have kept
+    whole = PromptBuilder(tokenizer, "Write the {header} section.", budget, "truncate")
+    assert out[0].input_ids == whole.build(Record("h", huge[:200_000], "Pain.", "CC")).input_ids
+    assert PromptBuilder(rec_tok, "x", budget, "drop").build(Record("h", huge, "Pain.", "CC")) is None
