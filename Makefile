@@ -47,8 +47,15 @@ system-deps:
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	else echo "Debian packages missing:$$missing; install them with: sudo apt-get install$$missing"; fi
 
-sweep: setup
+sweep: setup data
 	$(PY) -m src.train -m lora.r=8,16,32
+
+# The default data, MTS-Dialog: nothing to do when the folder conf/data/mts_dialog.yaml reads holds
+# it; else it is downloaded from a pinned commit of the official release, checked and converted.
+# Without network, the message says how to bring the files (python -m src.prepare_data --help).
+.PHONY: data
+data: setup
+	$(PY) -m src.prepare_data
 
 # PARETUNE_REQUIRE_SYSTEM=1: a test whose system component is missing fails instead of skipping
 # (the ipex-llm environment included, so it is built first).
