@@ -133,8 +133,17 @@ def _chromium() -> str:
     return str(found)
 
 
+def _drawn_figures(dom: str) -> dict[str, str]:
+    """The DOM Chromium built for each figure, keyed by its div id (fig-<name>), with the text of every
+    script left out: plotly.js's source and each figure's JSON name the same classes and trace types,
+    so without this a figure that never drew would still match."""
+    drawn = re.sub(r"<script\b.*?</script>", "", dom, flags=re.S)
+    parts = re.split(r'id="fig-([a-z]+)"', drawn)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
 def test_html_renders_offline_in_headless_chromium(handmade, capsys):
-    """The self-contained HTML, opened with no network, draws the scatter with every point."""
+    """The self-contained HTML, opened with no network, draws every figure with every mark."""
     browser = _chromium()
     root, storage = handmade
     out = root / "report"
@@ -145,12 +154,23 @@ def test_html_renders_offline_in_headless_chromium(handmade, capsys):
              f"--user-data-dir={root / 'chromium-profile'}", "--virtual-time-budget=20000"]
     dom = subprocess.run([browser, *flags, "--dump-dom", (out / "report.html").as_uri()],
                          capture_output=True, text=True, timeout=180).stdout
-    scatter = dom.split('id="fig-scatter"')[1].split('id="fig-parallel"')[0]
-    traces = re.findall(r'<g class="trace scatter.*?(?=<g class="trace scatter|$)', scatter, re.S)
+    figs = _drawn_figures(dom)
+    assert set(figs) == {"scatter", "parallel", "hypervolume", "cost"}, list(figs)
+    for name, drawn in figs.items():
+        assert 'class="main-svg"' in drawn, f"plotly drew no SVG for the {name} figure"
+    traces = re.findall(r'<g class="trace scatter.*?(?=<g class="trace scatter|$)', figs["scatter"], re.S)
     points = [len(re.findall(r'<path class="point"', t)) for t in traces]
     # infeasible #6, feasible #3, the front (#2, #1+5, #0, #8), the knee and the cheapest markers
     assert points == [1, 1, 4, 1, 1], points
-    assert 'class="parcoords"' in dom or "parcoords" in dom.split('id="fig-parallel"')[1][:20000]
+    # parallel coordinates: one drawn axis per searched parameter and objective, titled
+    titles = re.findall(r'<text class="axis-title"[^>]*>([^<]*)</text>', figs["parallel"])
+    assert titles == ["lora.r", "quant", "train.lr", "eval/rougeL", "cost/train_s"], titles
+    # hypervolume: one line with a marker after each of the 7 completed trials
+    hv = figs["hypervolume"]
+    assert hv.count('class="js-line"') == 1 and len(re.findall(r'<path class="point"', hv)) == 7
+    # cost: 5 bar traces (train, eval, overhead, USD, Wh), each with a bar per completed trial
+    bars = figs["cost"]
+    assert len(re.findall(r'<g class="trace bars"', bars)) == 5 and len(re.findall(r'<g class="point"', bars)) == 5 * 7
     shot = root / "shot.png"
     subprocess.run([browser, *flags, "--window-size=1100,4000", f"--screenshot={shot}", (out / "report.html").as_uri()],
                    capture_output=True, timeout=180)
