@@ -9,9 +9,11 @@ values); ``validate`` then checks ranges and combinations and reports every prob
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib.util
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -30,46 +32,46 @@ class ConfigError(ValueError):
 
 
 # ---- closed choices: Hydra rejects anything else and lists these names ------------------------
-class ModelSource(Enum):
+class ModelSource(StrEnum):
     gguf = "gguf"
     hf = "hf"
     tiny = "tiny"
 
 
-class Truncation(Enum):
+class Truncation(StrEnum):
     truncate = "truncate"
     drop = "drop"
 
 
-class Scheduler(Enum):
+class Scheduler(StrEnum):
     cosine = "cosine"
     linear = "linear"
     constant = "constant"
 
 
-class TrainEngine(Enum):
+class TrainEngine(StrEnum):
     loop = "loop"              # src/loop.py: our loop
     hf_trainer = "hf_trainer"  # src/hf_engine.py: transformers.Trainer, as a typical user would run it
 
 
-class PeftMethod(Enum):
+class PeftMethod(StrEnum):
     lora = "lora"
 
 
-class QuantMethod(Enum):
+class QuantMethod(StrEnum):
     none = "none"
     bnb = "bnb"
     torchao = "torchao"
     ipex = "ipex"
 
 
-class Allocator(Enum):
+class Allocator(StrEnum):
     system = "system"
     tcmalloc = "tcmalloc"
     jemalloc = "jemalloc"
 
 
-class Isa(Enum):
+class Isa(StrEnum):
     avx2 = "avx2"
     avx512_core = "avx512_core"
     avx512_core_vnni = "avx512_core_vnni"
@@ -77,28 +79,28 @@ class Isa(Enum):
     avx512_core_amx = "avx512_core_amx"
 
 
-class Dtype(Enum):
+class Dtype(StrEnum):
     fp32 = "fp32"
     bf16 = "bf16"
 
 
-class LoggerBackend(Enum):
+class LoggerBackend(StrEnum):
     wandb = "wandb"
     none = "none"
 
 
-class WandbMode(Enum):
+class WandbMode(StrEnum):
     offline = "offline"
     online = "online"
     disabled = "disabled"
 
 
-class Direction(Enum):
+class Direction(StrEnum):
     maximize = "maximize"
     minimize = "minimize"
 
 
-class EvalMetric(Enum):
+class EvalMetric(StrEnum):
     loss = "loss"
     rouge = "rouge"
     bertscore = "bertscore"
@@ -394,12 +396,13 @@ def _check_objectives(cfg: DictConfig, errors: list[str]) -> None:
         errors.append("objectives: declare at least one objective (name + direction)")
     if len(set(names)) != len(names):
         errors.append(f"objectives: each metric may appear once, got {names}")
-    measured = set(M.available(str(m.value if isinstance(m, Enum) else m) for m in cfg.eval.metrics))
+    given = [str(m) for m in cfg.eval.metrics]
+    measured = set(M.available(given))
     for name in names:
         if name not in M.ALL:
             errors.append(f"objectives: unknown metric '{name}'; choose from {sorted(M.ALL)}")
         elif name not in measured:
-            errors.append(f"objectives: '{name}' is not measured with eval.metrics={list(cfg.eval.metrics)}; "
+            errors.append(f"objectives: '{name}' is not measured with eval.metrics={given}; "
                           "add its metric family to eval.metrics")
 
 
@@ -416,9 +419,32 @@ def _check_omp(c: DictConfig, errors: list[str]) -> None:
                       "an explicit {0},{1} list, or null")
 
 
+def _unknown_keys(node: DictConfig, prefix: str, errors: list[str]) -> None:
+    """Keys the schema does not know. Hydra's struct mode refuses ``lora.rank=8``, but ``+lora.rank=8``
+    (which Hydra's own error suggests) adds the key anyway, and nothing would ever read it: a sweep
+    over it would run identical trials under different labels."""
+    kind = OmegaConf.get_type(node)
+    if kind is None or not dataclasses.is_dataclass(kind):
+        return  # a free-form mapping (e.g. `trial`)
+    allowed = [f.name for f in dataclasses.fields(kind)]
+    for key in map(str, node.keys()):
+        name = f"{prefix}{key}"
+        if key not in allowed:
+            near = difflib.get_close_matches(key, allowed, n=1) or [
+                a for a in allowed if key.startswith(a) or a.startswith(key)][:1]  # rank -> r
+            hint = f"did you mean {prefix}{near[0]}? " if near else ""
+            errors.append(f"{name}: not a setting of {prefix.rstrip('.') or 'the trial config'} ({hint}known: "
+                          f"{', '.join(allowed)}); nothing reads it, so fix the name or remove the `+{name}` override")
+            continue
+        child = node._get_node(key)  # noqa: SLF001 - the node, without resolving interpolations
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():  # noqa: SLF001
+            _unknown_keys(child, f"{name}.", errors)
+
+
 def validate(cfg: DictConfig) -> None:
     """Check every rule the types cannot; raise one ConfigError listing all problems."""
     errors: list[str] = []
+    _unknown_keys(cfg, "", errors)
     _check_model(cfg.model, errors)
     _check_data(cfg.data, errors)
     _check_lora(cfg, errors)

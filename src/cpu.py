@@ -86,7 +86,7 @@ def check(cpu: Any, errors: list[str], flags: set[str] | None = None, usable: se
     """What this machine cannot do, each as an error naming the key and the fix (before any work)."""
     flags = hw.cpu_flags() if flags is None else flags
     usable = set(os.sched_getaffinity(0)) if usable is None else usable
-    allocator = _name(cpu.allocator)
+    allocator = str(cpu.allocator)
     if allocator != "system" and find_allocator(allocator) is None:
         errors.append(f"cpu.allocator: {allocator} is not installed here; install Debian's "
                       f"{ALLOCATOR_PACKAGES[allocator]} (`make setup` does, as root) or use cpu.allocator=system")
@@ -104,7 +104,7 @@ def check(cpu: Any, errors: list[str], flags: set[str] | None = None, usable: se
     if cpu.threads is not None and cpu.threads > available and not cpu.force:
         errors.append(f"cpu.threads: {cpu.threads} threads on {available} usable cores oversubscribes them "
                       "(each thread waits for the others); lower it or set cpu.force=true")
-    isa = _name(cpu.isa) if cpu.isa is not None else None
+    isa = str(cpu.isa) if cpu.isa is not None else None
     if isa is not None:
         missing = [f for f in ISA_LEVELS[isa]["flags"] if f not in flags]
         if missing:
@@ -117,7 +117,7 @@ def warnings_for(cpu: Any, flags: set[str] | None = None) -> list[str]:
     """Legal but known-slow settings, recorded in the result next to the measured numbers."""
     flags = hw.cpu_flags() if flags is None else flags
     out = []
-    if _name(cpu.dtype) == "bf16" and not ({"avx512_bf16", "amx_bf16"} & flags):
+    if str(cpu.dtype) == "bf16" and not ({"avx512_bf16", "amx_bf16"} & flags):
         out.append(BF16_EMULATED_NOTE)
     if cpu.omp_proc_bind not in (None, "false") or cpu.kmp_affinity:
         out.append("OpenMP pinning is on: it made a shared 2-core VM 0.64-0.70x slower; compare with it off")
@@ -141,11 +141,11 @@ def env(cpu: Any, threads: int) -> dict[str, str]:
         out["OMP_PLACES"] = str(cpu.omp_places)
     if cpu.kmp_affinity:
         out["KMP_AFFINITY"] = str(cpu.kmp_affinity)
-    lib = find_allocator(_name(cpu.allocator))
+    lib = find_allocator(str(cpu.allocator))
     if lib:
         out["LD_PRELOAD"] = lib
     if cpu.isa is not None:
-        level = ISA_LEVELS[_name(cpu.isa)]
+        level = ISA_LEVELS[str(cpu.isa)]
         out.update(ONEDNN_MAX_CPU_ISA=level["onednn"], MKL_ENABLE_INSTRUCTIONS=level["mkl"],
                    ATEN_CPU_CAPABILITY=level["aten"])
     return out
@@ -157,10 +157,6 @@ def preexec(cpu: Any) -> Callable[[], None] | None:
     if cores is None:
         return None
     return lambda: os.sched_setaffinity(0, cores)
-
-
-def _name(value: Any) -> str:
-    return str(getattr(value, "name", value))
 
 
 # ---- read back inside the worker -----------------------------------------------------------------
@@ -225,7 +221,7 @@ def in_effect(cpu_cfg: Any) -> dict[str, Any]:
         aten_cpu_capability=torch.backends.cpu.get_cpu_capability(),
         onednn_isa=onednn_isa(),
         mkl=mkl_build(),
-        dtype=_name(cpu_cfg.dtype),
+        dtype=str(cpu_cfg.dtype),
         env={k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES",
                                         "KMP_AFFINITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
                                         "ATEN_CPU_CAPABILITY", "LD_PRELOAD") if k in os.environ},

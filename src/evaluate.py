@@ -77,11 +77,36 @@ def _sentences(text: str) -> str:
     return "\n".join(s for s in _SENTENCE_END.split(text.strip()) if s)
 
 
+# Scripts written without spaces between words: each character is a token (as ROUGE for Chinese and
+# Japanese is usually computed). Han, kana, Thai, Lao, Myanmar, Khmer.
+_UNSPACED = re.compile("([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+                       "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff])")
+_WORD = re.compile(r"[^\W_]+")  # a run of Unicode letters and digits
+
+
+class UnicodeTokenizer:
+    """rouge-score's tokenizer for every script.
+
+    rouge-score's default keeps only a-z and 0-9, so a Chinese, Russian or Arabic summary has no tokens
+    and scores 0 even when it equals its reference. This one keeps Unicode letters and digits, splits
+    unspaced scripts into characters, and Porter-stems ASCII words longer than 3 letters as the
+    default does, so ASCII text gets exactly the default's tokens (and scores)."""
+
+    def __init__(self) -> None:
+        from rouge_score import tokenizers
+
+        self._stem = tokenizers.DefaultTokenizer(use_stemmer=True)._stemmer.stem  # noqa: SLF001 - same stemmer
+
+    def tokenize(self, text: str) -> list[str]:
+        words = _WORD.findall(_UNSPACED.sub(r" \1 ", text.lower()))
+        return [self._stem(w) if len(w) > 3 and w.isascii() else w for w in words]
+
+
 def rouge(predictions: list[str], references: list[str]) -> tuple[dict[str, float], list[float]]:
     """Mean ROUGE F1 (stemmed) per variant, and the per-example ROUGE-L F1."""
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(list(M.ROUGE_KEYS), use_stemmer=True)
+    scorer = rouge_scorer.RougeScorer(list(M.ROUGE_KEYS), tokenizer=UnicodeTokenizer())
     sums = dict.fromkeys(M.ROUGE_KEYS, 0.0)
     per_example = []
     for pred, ref in zip(predictions, references, strict=True):

@@ -37,19 +37,19 @@ IPEX_REFUSED = {
 
 def active(q: Any) -> bool:
     """Whether the base weights are quantized at all (bits 16/32 keep them in full precision)."""
-    return _name(q.method) != "none" and int(q.bits) not in UNQUANTIZED_BITS
+    return str(q.method) != "none" and int(q.bits) not in UNQUANTIZED_BITS
 
 
 def resolved_type(q: Any) -> str | None:
     if not active(q):
         return None
-    types = {"torchao": TORCHAO_TYPES, "ipex": IPEX_TYPES}.get(_name(q.method), BNB_TYPES)
+    types = {"torchao": TORCHAO_TYPES, "ipex": IPEX_TYPES}.get(str(q.method), BNB_TYPES)
     return str(q.quant_type) if q.quant_type is not None else types[int(q.bits)][0]
 
 
 def needs_own_python(q: Any) -> bool:
     """ipex-llm does not import with transformers 5: its trials' workers run in their own venv."""
-    return _name(q.method) == "ipex" and active(q)
+    return str(q.method) == "ipex" and active(q)
 
 
 def worker_python(q: Any, ipex_python: str) -> str:
@@ -59,7 +59,7 @@ def worker_python(q: Any, ipex_python: str) -> str:
 
 def check(q: Any, errors: list[str], ipex_python: str | None = None) -> None:
     """What the chosen backend cannot do, named with the key and the fix, before any work."""
-    method, bits = _name(q.method), int(q.bits)
+    method, bits = str(q.method), int(q.bits)
     if method == "none":
         if bits != 32:
             errors.append(f"quant.bits: {bits} needs a quantization backend; choose quant=bnb_nf4 or "
@@ -122,7 +122,7 @@ def hf_config(q: Any) -> Any:
     import torch
     from transformers import BitsAndBytesConfig
 
-    if _name(q.method) == "torchao":
+    if str(q.method) == "torchao":
         from torchao.quantization import Int8WeightOnlyConfig
         from transformers import TorchAoConfig
 
@@ -142,12 +142,12 @@ def load(folder: str | Path, q: Any) -> Any:
 
     from src.model import dtype_kwarg
 
-    if _name(q.method) == "ipex":
+    if str(q.method) == "ipex":
         return _load_ipex(folder, q)
     model = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=hf_config(q), device_map="cpu",
                                                  **dtype_kwarg(torch.float32))
     model.config.use_cache = False
-    if _name(q.method) != "bnb":
+    if str(q.method) != "bnb":
         return model
     # Casts norms to fp32 and enables input grads; checkpointing stays train.gradient_checkpointing's call.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -194,9 +194,5 @@ def describe(q: Any, model: Any) -> dict[str, Any]:
         elif kind not in ("Linear4bit", "Linear8bitLt", "LowBitLinear"):
             continue
         layers[kind] = layers.get(kind, 0) + 1
-    return {"backend": _name(q.method), "bits": int(q.bits), "quant_type": resolved_type(q),
+    return {"backend": str(q.method), "bits": int(q.bits), "quant_type": resolved_type(q),
             "double_quant": bool(q.double_quant), "quantized_layers": layers}
-
-
-def _name(value: Any) -> str:
-    return str(getattr(value, "name", value))

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from src.redact import scrub
+
 SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
 STATUSES = ("completed", "failed", "pruned")
@@ -92,7 +94,7 @@ class RecordError(OSError):
 def write(trial_dir: Path, result: TrialResult) -> Path:
     path = Path(trial_dir) / RESULT_FILE
     try:
-        atomic_write_json(path, result.to_dict())
+        atomic_write_json(path, scrub(result.to_dict()))  # no storage password, whatever a field holds
     except OSError as exc:
         raise RecordError(f"cannot write {path}: {exc.strerror or exc}; free space or fix the folder, then run the "
                           "same command again (a sweep resumes, earlier records are untouched)") from exc

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from src.redact import scrub
 from src.results import TrialResult
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def summary_row(result: TrialResult) -> dict[str, Any]:
 
 def append_local(result: TrialResult, path: Path) -> None:
     # One write() of one line with O_APPEND: concurrent workers' lines do not interleave.
-    line = (json.dumps(summary_row(result)) + "\n").encode()
+    line = (json.dumps(scrub(summary_row(result))) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line)

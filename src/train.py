@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from src import cpu, data, privacy, quant, redact, results, runtime, tracking
 from src.config import PROJECT_ROOT, ConfigError, register_configs, to_plain, validate
@@ -45,8 +46,12 @@ def git_state(root: Path = PROJECT_ROOT) -> dict[str, Any]:
 
 def preflight(cfg: DictConfig) -> dict[str, int]:
     """Every check that is cheap, before a worker starts: schema rules, then the data files."""
-    validate(cfg)
-    return data.check_files(cfg.data, cfg.eval.num_examples)
+    try:
+        validate(cfg)
+        return data.check_files(cfg.data, cfg.eval.num_examples)
+    except OmegaConfBaseException as exc:  # e.g. train.lr='${nope.x}': an interpolation that cannot resolve
+        key = getattr(exc, "full_key", None) or "a value"
+        raise ConfigError(f"{key}: {str(exc).splitlines()[0]}; fix the value or the ${{...}} it refers to") from None
 
 
 def _failed_without_record(cfg: dict[str, Any], trial: dict[str, Any], exit_: runtime.WorkerExit,
@@ -87,8 +92,13 @@ def run_trial(cfg: DictConfig, trial_dir: Path, trial: dict[str, Any]) -> TrialR
 
     timeout_s = float(cfg.train.worker_timeout_s)
     preexec = runtime.limits(cfg.train.memory_limit_mb, then=cpu.preexec(cfg.cpu))
-    exit_ = runtime.run_worker(trial_dir, runtime.worker_env(cfg), timeout_s, preexec=preexec,
-                               python=quant.worker_python(cfg.quant, cfg.paths.ipex_python))
+    try:
+        exit_ = runtime.run_worker(trial_dir, runtime.worker_env(cfg), timeout_s, preexec=preexec,
+                                   python=quant.worker_python(cfg.quant, cfg.paths.ipex_python))
+    except KeyboardInterrupt:
+        # The worker is already killed (run_worker); the trial still gets its record, as interrupted.
+        _record_interrupted(plain, trial, trial_dir)
+        raise
     try:
         result, worker_wrote_it = results.read(trial_dir), True
     except (OSError, ValueError, TypeError):
@@ -106,6 +116,19 @@ def run_trial(cfg: DictConfig, trial_dir: Path, trial: dict[str, Any]) -> TrialR
     tracking.track(result, trial_dir, cfg.logger)
     _announce(result, trial_dir)
     return result
+
+
+def _record_interrupted(plain: dict[str, Any], trial: dict[str, Any], trial_dir: Path) -> None:
+    if (trial_dir / results.RESULT_FILE).exists():
+        return  # the worker finished its record just before the interrupt: it stands
+    interrupted = runtime.WorkerExit(-2, False, 0.0, "")
+    result = _failed_without_record(plain, trial, interrupted, 0.0)
+    result.error = {"type": "Interrupted", "message": "interrupted (SIGINT) before the trial finished; the worker "
+                    "was stopped. Run the same command again to measure it", "traceback": ""}
+    try:
+        results.write(trial_dir, result)
+    except results.RecordError as exc:
+        log.warning("%s", exc)
 
 
 def _announce(result: TrialResult, trial_dir: Path) -> None:
@@ -135,7 +158,7 @@ def trial_identity(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         ident = f"{group}-{hc.job.num}"
     else:
         group, ident = "single", "_".join(Path(hc.run.dir).parts[-2:])
-    overrides = [o for o in hc.overrides.task if not o.startswith("study.")]
+    overrides = redact.scrub([o for o in hc.overrides.task if not o.startswith("study.")])
     info = {"id": ident, "group": group, "job_num": hc.job.num if hc.mode == RunMode.MULTIRUN else None,
             "overrides": overrides, "study": _study_info(cfg, list(hc.overrides.task))}
     return Path(hc.runtime.output_dir), info
@@ -150,17 +173,36 @@ def main(cfg: DictConfig) -> list[float] | None:
     trial_dir, info = trial_identity(cfg)
     # Hydra has already dumped the command line into .hydra/: a storage URL's password must not stay there.
     redact.scrub_files(trial_dir / ".hydra")
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         result = run_trial(cfg, trial_dir, info)
     except (ConfigError, data.DataError, results.RecordError) as exc:
         log.error("%s", exc)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if multirun:
             raise  # the sweeper records this job as failed, with the message
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        if multirun:
+            raise  # the sweeper fails the trial as stale and stops
+        log.error("interrupted: the trial is recorded as failed in %s", trial_dir / results.RESULT_FILE)
+        sys.exit(EXIT_INTERRUPTED)
     if result.status != "completed":
+        if not multirun:
+            sys.exit(EXIT_TRIAL_FAILED)  # a script or CI must not take a failed trial for success
         return None
     return [result.objectives[o.name] for o in cfg.objectives]
 
 
-if __name__ == "__main__":
+# Exit codes of a single trial (a sweep exits 0, or 1 when it stops: its trials' outcomes are in the study).
+EXIT_TRIAL_FAILED = 1    # the trial ran and failed: result.json says why
+EXIT_BAD_INPUT = 2       # refused before any work: the message names the key and the fix
+EXIT_INTERRUPTED = 130   # Ctrl-C, as shells report SIGINT
+
+
+def cli() -> None:
+    redact.guard_process()  # before Hydra parses anything: its errors may quote a storage URL
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -25,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from src import metrics as M
-from src import results
+from src import redact, results
 from src.results import TrialResult
 
 CONFIG_FILE = "trial_config.json"
@@ -269,6 +269,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m src.worker <trial_dir>", file=sys.stderr)
         return 2
     tdir = Path(argv[1]).resolve()
+    redact.guard_process(argv)  # the storage URL reaches the worker only through the environment
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="[worker %(asctime)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
     t = Trial(OmegaConf.create(json.loads((tdir / CONFIG_FILE).read_text())), tdir)

@@ -26,6 +26,7 @@ from hydra.types import HydraContext, TaskFunction
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
+from src.redact import scrub, scrub_text
 from src.sweeper import report
 from src.sweeper import study as S
 from src.sweeper.space import SearchSpace, build
@@ -53,6 +54,8 @@ class StudySweeper(Sweeper):
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.launcher: Any = None
+        self.storage: optuna.storages.BaseStorage | None = None  # as opened: the lock needs its type
+        self.distributions: dict[str, Any] = {}
         self._job_idx = 0
 
     # ---- Hydra's Sweeper interface ------------------------------------------------------------
@@ -74,15 +77,16 @@ class StudySweeper(Sweeper):
         name = self.study_name or S.default_study_name(self.kind, sorted(overrides_in), names, directions)
         self.check_jobs(self.jobs_to_check(space), space)
 
-        storage = S.open_storage(self.storage_spec)
-        study = optuna.create_study(storage=storage, study_name=name, directions=directions,
-                                    sampler=self.make_sampler(space), load_if_exists=True)
-        if [d.name.lower() for d in study.directions] != directions:
-            raise S.StudyError(f"study '{name}' exists with directions {[d.name.lower() for d in study.directions]},"
-                               f" but the objectives declare {directions}; set hydra.sweeper.study_name to a new name")
-        with warnings.catch_warnings():  # experimental in Optuna 5, and exactly what the dashboard shows
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(names)
+        self.storage = storage = S.open_storage(self.storage_spec)
+        sampler = self.make_sampler(space, len(directions))
+        study = optuna.create_study(storage=storage, study_name=name, directions=directions, sampler=sampler,
+                                    load_if_exists=True)
+        self.distributions = self.trial_distributions(space, study)
+        S.check_resumed(study, names, directions, self.distributions)
+        if study.metric_names is None:
+            with warnings.catch_warnings():  # experimental in Optuna 5, and exactly what the dashboard shows
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(names)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         self._save_sweep_config(sweep_dir, name)
@@ -104,11 +108,15 @@ class StudySweeper(Sweeper):
         return outcome.returns
 
     # ---- for subclasses -----------------------------------------------------------------------
-    def make_sampler(self, space: SearchSpace) -> optuna.samplers.BaseSampler | None:
+    def make_sampler(self, space: SearchSpace, n_objectives: int) -> optuna.samplers.BaseSampler | None:
         return None
 
     def jobs_to_check(self, space: SearchSpace) -> list[dict[str, Any]]:
         return space.extremes()
+
+    def trial_distributions(self, space: SearchSpace, study: optuna.Study) -> dict[str, Any]:
+        """The distributions trials are asked with (a grid widens them so a study can grow)."""
+        return dict(space.distributions)
 
     def run(self, study: optuna.Study, space: SearchSpace, leases: S.Leases, outcome: _Outcome) -> None:
         raise NotImplementedError
@@ -116,7 +124,8 @@ class StudySweeper(Sweeper):
     # ---- shared steps -------------------------------------------------------------------------
     def lock(self, study: optuna.Study) -> Any:
         """The study-wide lock under which this process counts trials and asks for new ones."""
-        return S.study_lock(study._storage, self.storage_spec, study.study_name)  # noqa: SLF001
+        assert self.storage is not None
+        return S.study_lock(self.storage, self.storage_spec, study.study_name)
 
     def objectives(self) -> tuple[list[str], list[Any]]:
         """Names and directions declared once in the task config; ``direction`` may only agree."""
@@ -194,7 +203,7 @@ class StudySweeper(Sweeper):
         values, reason = (None, failure) if failure else _record_values(path, names)
         try:
             trial.set_user_attr(S.RESULT_PATH, str(path.resolve()))
-            trial.set_user_attr(S.OVERRIDES, [o for o in overrides if not o.startswith("study.")])
+            trial.set_user_attr(S.OVERRIDES, scrub([o for o in overrides if not o.startswith("study.")]))
             if values is not None:
                 record = json.loads(path.read_text())
                 # all of them: a few dozen numbers, and analysis then needs nothing but the study
@@ -221,7 +230,8 @@ class StudySweeper(Sweeper):
             if str(o).startswith("hydra.sweeper.storage="):
                 cfg["hydra"]["overrides"]["hydra"][i] = f"hydra.sweeper.storage={S.mask_url(self.storage_spec)}"
         cfg["study_name"] = study_name
-        OmegaConf.save(OmegaConf.create(cfg), sweep_dir / "multirun.yaml")
+        # Every override (paths.study_storage=postgresql://... among them) with its password masked.
+        (sweep_dir / "multirun.yaml").write_text(scrub_text(OmegaConf.to_yaml(OmegaConf.create(cfg))))
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, values: list[float] | None = None,

@@ -16,6 +16,7 @@ from collections import Counter
 from typing import Any
 
 import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from src.sweeper import study as S
@@ -44,6 +45,34 @@ class GridSweeper(StudySweeper):
     def jobs_to_check(self, space: SearchSpace) -> list[dict[str, Any]]:
         return self.jobs(space)  # a grid is finite: check every job
 
+    def trial_distributions(self, space: SearchSpace, study: optuna.Study) -> dict[str, BaseDistribution]:
+        """How each grid key is stored in the study, chosen so that a named study can grow.
+
+        Optuna refuses a categorical whose choices change within a study ("dynamic value space"), but
+        not a numeric range that does. A grid never samples (its values are enqueued), so a key whose
+        values are all integers (or all floats) is stored as a range over them, and ``lora.r=2,4`` can
+        later become ``lora.r=2,4,8`` in the same study. Other keys stay categorical; when the study
+        already holds a key, its recorded distribution is kept if it covers this grid's values.
+        """
+        seen: dict[str, BaseDistribution] = {}
+        for t in study.get_trials(deepcopy=False):
+            for key, dist in t.distributions.items():
+                seen.setdefault(key, dist)
+        out: dict[str, BaseDistribution] = {}
+        for key, values in space.grid().items():
+            old = seen.get(key)
+            if isinstance(old, CategoricalDistribution) and all(v in old.choices for v in values):
+                out[key] = old
+            elif values and all(type(v) is int for v in values):
+                ints = [int(v) for v in values if isinstance(v, int)]
+                out[key] = IntDistribution(min(ints), max(ints))
+            elif values and all(type(v) is float for v in values):
+                floats = [float(v) for v in values if isinstance(v, float)]
+                out[key] = FloatDistribution(min(floats), max(floats))
+            else:
+                out[key] = space.distributions[key]
+        return out
+
     def run(self, study: optuna.Study, space: SearchSpace, leases: S.Leases, outcome: _Outcome) -> None:
         todo = self.jobs(space)
         with self.lock(study):
@@ -71,7 +100,7 @@ class GridSweeper(StudySweeper):
                 for params in todo[start:start + size]:
                     # An enqueued trial is popped by the next ask: this pins the trial's parameters.
                     study.enqueue_trial(params, skip_if_exists=False)
-                    trial = study.ask(space.distributions)
+                    trial = study.ask(self.distributions)
                     leases.take(trial._trial_id)  # noqa: SLF001
                     batch.append((trial, params))
             self.launch(study, batch, space, leases, outcome)

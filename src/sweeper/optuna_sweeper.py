@@ -22,6 +22,7 @@ from src.sweeper.space import SearchSpace
 
 log = logging.getLogger("paretune.sweeper")
 
+_SINGLE_OBJECTIVE = ("optuna.samplers.CmaEsSampler",)
 _GRID_SAMPLERS = ("optuna.samplers.GridSampler", "optuna.samplers.BruteForceSampler")
 
 
@@ -36,7 +37,7 @@ class OptunaSweeper(StudySweeper):
     def _target(self) -> str:
         return "" if self.sampler_cfg is None else str(self.sampler_cfg.get("_target_", ""))
 
-    def make_sampler(self, space: SearchSpace) -> optuna.samplers.BaseSampler | None:
+    def make_sampler(self, space: SearchSpace, n_objectives: int = 1) -> optuna.samplers.BaseSampler | None:
         if self.n_trials < 1:
             raise S.StudyError(f"hydra.sweeper.n_trials: must be >= 1, got {self.n_trials}")
         if not space.distributions:
@@ -46,6 +47,10 @@ class OptunaSweeper(StudySweeper):
             return None
         cfg = OmegaConf.to_container(self.sampler_cfg, resolve=True)
         assert isinstance(cfg, dict)
+        if cfg.get("_target_") in _SINGLE_OBJECTIVE and n_objectives > 1:
+            raise S.StudyError(f"hydra.sweeper.sampler: {cfg['_target_'].rsplit('.', 1)[-1]} optimises one objective,"
+                               f" and {n_objectives} are declared; choose hydra/sweeper/sampler=tpe, nsgaii, "
+                               "nsgaiii, gp or random, or declare one objective")
         if cfg.get("_target_") == "optuna.samplers.GridSampler" and cfg.get("search_space") is None:
             cfg["search_space"] = space.grid()
         try:
@@ -73,7 +78,7 @@ class OptunaSweeper(StudySweeper):
                     S.retry_stale(study)
                 room = limit - S.counted(study.get_trials(deepcopy=False))
                 for _ in range(min(self.n_jobs, room)):
-                    trial = study.ask(space.distributions)
+                    trial = study.ask(self.distributions)
                     leases.take(trial._trial_id)  # noqa: SLF001
                     batch.append((trial, dict(trial.params)))
             if not batch:

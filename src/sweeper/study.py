@@ -24,11 +24,19 @@ from typing import Any
 
 import optuna
 from filelock import FileLock
+from hydra.errors import CompactHydraException
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+    check_distribution_compatibility,
+)
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from src.redact import mask_url
+from src.sweeper import journal
 from src.sweeper.retry import TRANSIENT, RetryingRDBStorage, retrying
 
 log = logging.getLogger(__name__)
@@ -47,8 +55,11 @@ OVERRIDES = "overrides"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
-class StudyError(RuntimeError):
-    """The sweep cannot go on (storage, search space or too many failed trials); the message says why."""
+class StudyError(CompactHydraException, RuntimeError):
+    """The sweep cannot go on (storage, search space or too many failed trials); the message says why.
+
+    A CompactHydraException: Hydra prints its message alone, without a traceback (HYDRA_FULL_ERROR=1
+    shows one), and exits 1."""
 
 
 def default_study_name(prefix: str, *parts: Any) -> str:
@@ -93,57 +104,120 @@ def open_storage(storage: str) -> optuna.storages.BaseStorage:
     """A URL (postgresql://, sqlite:///) opens an RDB; anything else is a journal file path."""
     if _is_url(storage):
         scheme = storage.split("://", 1)[0]
-        if not scheme.startswith(("postgresql", "sqlite", "mysql")):
+        if not scheme.startswith(("postgresql", "sqlite")):
             raise StudyError(f"hydra.sweeper.storage: unsupported scheme '{scheme}://'; use "
                              "postgresql://user:pass@host/db, sqlite:///path.db, or a journal file path")
         try:
             return _create_rdb(storage)
         except Exception as exc:  # noqa: BLE001 - driver errors vary; the user needs the URL and the cause
             raise StudyError(f"hydra.sweeper.storage: cannot open {mask_url(storage)}: "
-                             f"{type(exc).__name__}: {exc}") from exc
+                             f"{type(exc).__name__}: {_first_line(exc)}; check the host, port, user and "
+                             "password, and that the server is running") from exc
     path = Path(storage).expanduser()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        backend = JournalFileBackend(str(path))
+        backend = journal.TornTailJournal(str(path))
+        journal.check(path)
     except OSError as exc:
-        raise StudyError(f"hydra.sweeper.storage: cannot use journal file {path}: {exc}") from exc
+        raise StudyError(f"hydra.sweeper.storage: cannot use journal file {path}: {exc.strerror or exc}; "
+                         "choose a writable folder (hydra.sweeper.storage or PARETUNE_STUDY_STORAGE)") from exc
+    except journal.JournalDamaged as exc:
+        raise StudyError(str(exc)) from exc
     return optuna.storages.JournalStorage(backend)
+
+
+def _first_line(exc: BaseException) -> str:
+    """A driver's error without its SQL echo and documentation links (psycopg prints several lines)."""
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+def ask_lock_key(study_name: str) -> int:
+    """The PostgreSQL advisory lock key under which workers count and ask the trials of one study."""
+    return _LOCK_KEY_ASK ^ int(hashlib.sha256(study_name.encode()).hexdigest()[:7], 16)
 
 
 @contextlib.contextmanager
 def study_lock(storage: optuna.storages.BaseStorage, storage_spec: str, study_name: str) -> Iterator[None]:
     """Serialise "count, then ask" across processes, so N workers never overshoot n_trials.
 
-    A file lock beside the journal; a PostgreSQL advisory lock (held on its own connection) for
-    RDB storage. SQLite and others get a file lock beside the database file.
+    ``storage`` is the one ``open_storage`` returned (Optuna wraps it in a cache inside the study, which
+    hides its type). PostgreSQL: an advisory lock held on its own connection, so workers on any machine,
+    started in any folder, are serialised by the server. A journal file or an SQLite database: a file
+    lock beside it (those live on one machine's file system anyway).
     """
     if isinstance(storage, optuna.storages.RDBStorage) and storage_spec.startswith("postgresql"):
-        import sqlalchemy as sa
-
-        key = _LOCK_KEY_ASK ^ int(hashlib.sha256(study_name.encode()).hexdigest()[:7], 16)
-
-        def lock() -> sa.Connection:
-            conn = storage.engine.connect()
-            try:
-                conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            except BaseException:
-                conn.close()
-                raise
-            return conn
-
-        conn = retrying(lock, lambda: RetryingRDBStorage.retry_s, "the study lock")()
-        try:
+        with _advisory_lock(storage, ask_lock_key(study_name)):
             yield
-        finally:
-            # A server that restarted meanwhile has already dropped the lock with the session.
-            with contextlib.suppress(*TRANSIENT):
-                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                conn.commit()
-            conn.close()
         return
+    if _is_url(storage_spec) and not storage_spec.startswith("sqlite:///"):
+        raise StudyError(f"hydra.sweeper.storage: no lock for {mask_url(storage_spec)}; use postgresql:// or "
+                         "a journal file path")
     target = storage_spec.split(":///", 1)[-1] if _is_url(storage_spec) else storage_spec
     with FileLock(f"{Path(target).expanduser()}.{hashlib.sha256(study_name.encode()).hexdigest()[:8]}.lock"):
         yield
+
+
+@contextlib.contextmanager
+def _advisory_lock(storage: optuna.storages.RDBStorage, key: int) -> Iterator[None]:
+    import sqlalchemy as sa
+
+    def lock() -> sa.Connection:
+        conn = storage.engine.connect()
+        try:
+            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    conn = retrying(lock, lambda: RetryingRDBStorage.retry_s, "the study lock")()
+    try:
+        yield
+    finally:
+        # A server that restarted meanwhile has already dropped the lock with the session.
+        with contextlib.suppress(*TRANSIENT):
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            conn.commit()
+        conn.close()
+
+
+def check_resumed(study: optuna.Study, names: list[str], directions: list[str],
+                  distributions: dict[str, BaseDistribution]) -> None:
+    """A study found by name must answer the same question as this sweep: the same objectives (names and
+    directions) and value spaces Optuna can store beside the old ones. Checked before any trial is asked,
+    so a mismatch changes nothing in the study."""
+    name = study.study_name
+    have = [d.name.lower() for d in study.directions]
+    if have != directions:
+        raise StudyError(f"study '{name}' exists with directions {have}, but the objectives declare {directions}; "
+                         "set hydra.sweeper.study_name to a new name")
+    if study.metric_names is not None and list(study.metric_names) != names:
+        raise StudyError(f"study '{name}' records the objectives {list(study.metric_names)}, but this sweep "
+                         f"declares {names}; resuming would relabel the values of its trials. Restore `objectives`"
+                         " or set hydra.sweeper.study_name to a new name")
+    seen: dict[str, BaseDistribution] = {}
+    for t in study.get_trials(deepcopy=False):
+        for key, dist in t.distributions.items():
+            seen.setdefault(key, dist)
+    for key, dist in distributions.items():
+        old = seen.get(key)
+        if old is None:
+            continue
+        try:
+            check_distribution_compatibility(old, dist)
+        except ValueError:
+            raise StudyError(
+                f"study '{name}' already has {key} as {_describe(old)}; this sweep gives it {_describe(dist)}, "
+                "and an Optuna study cannot change a parameter's categories or kind. Run the new values in a "
+                "study of their own (hydra.sweeper.study_name=<new name>), or keep the recorded ones") from None
+
+
+def _describe(dist: BaseDistribution) -> str:
+    if isinstance(dist, CategoricalDistribution):
+        return f"the choices {list(dist.choices)}"
+    assert isinstance(dist, IntDistribution | FloatDistribution)
+    kind = "integers" if isinstance(dist, IntDistribution) else "floats"
+    return f"{'log-scale ' if dist.log else ''}{kind} in [{dist.low}, {dist.high}]"
 
 
 def owner_id() -> str:
