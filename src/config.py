@@ -429,6 +429,8 @@ def _unknown_keys(node: DictConfig, prefix: str, errors: list[str]) -> None:
     allowed = [f.name for f in dataclasses.fields(kind)]
     for key in map(str, node.keys()):
         name = f"{prefix}{key}"
+        if name == "hydra":
+            continue  # Hydra's own settings, in the config a sweeper composes for each job
         if key not in allowed:
             near = difflib.get_close_matches(key, allowed, n=1) or [
                 a for a in allowed if key.startswith(a) or a.startswith(key)][:1]  # rank -> r

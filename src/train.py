@@ -158,9 +158,11 @@ def trial_identity(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         ident = f"{group}-{hc.job.num}"
     else:
         group, ident = "single", "_".join(Path(hc.run.dir).parts[-2:])
-    overrides = redact.scrub([o for o in hc.overrides.task if not o.startswith("study.")])
+    # As typed: an override such as train.lr='${nope.x}' must reach the schema check unresolved.
+    task = [str(o) for o in OmegaConf.to_container(hc.overrides.task, resolve=False)]  # type: ignore[union-attr]
+    overrides = redact.scrub([o for o in task if not o.startswith("study.")])
     info = {"id": ident, "group": group, "job_num": hc.job.num if hc.mode == RunMode.MULTIRUN else None,
-            "overrides": overrides, "study": _study_info(cfg, list(hc.overrides.task))}
+            "overrides": overrides, "study": _study_info(cfg, task)}
     return Path(hc.runtime.output_dir), info
 
 

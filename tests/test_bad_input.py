@@ -45,6 +45,21 @@ DATA_CASES = {
 }
 
 
+def _earlier_study(tmp_path: Path) -> Path:
+    """The journal run_cli points the command at, holding an earlier study with one completed trial."""
+    import optuna
+
+    path = tmp_path / "studies" / "paretune.journal"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+        study = optuna.create_study(storage=storage, study_name="earlier", directions=["maximize", "minimize"])
+        study.add_trial(optuna.trial.create_trial(params={"lora.r": 8}, values=[0.2, 30.0],
+                                                  distributions={"lora.r": optuna.distributions.IntDistribution(
+                                                      1, 64)}))
+    return path
+
+
 @pytest.fixture
 def recorded(tmp_path: Path) -> Path:
     """An earlier trial's record in the runs folder: bad input must leave it as it was."""
@@ -56,6 +71,8 @@ def recorded(tmp_path: Path) -> Path:
 
 def _refused(tmp_path: Path, recorded: Path, args: list[str], fragments: list[str], code: int = 2) -> None:
     before = recorded.read_bytes()
+    journal = _earlier_study(tmp_path)
+    journal_before = journal.read_bytes()
     run_dir = tmp_path / "runs" / "new"
     multirun = "-m" in args
     where = f"hydra.sweep.dir={tmp_path / 'runs' / 'sweep'}" if multirun else f"hydra.run.dir={run_dir}"
@@ -64,10 +81,11 @@ def _refused(tmp_path: Path, recorded: Path, args: list[str], fragments: list[st
     assert proc.returncode == (1 if multirun else code), proc.stderr[-2000:]
     for fragment in fragments:
         assert fragment in proc.stderr, (fragment, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr or multirun  # a single run says the reason, not a stack
+    assert "Traceback" not in proc.stderr  # the reason, not a stack (HYDRA_FULL_ERROR=1 shows one)
     assert not list((tmp_path / "runs").rglob("worker.log"))  # no worker ever started
     assert not [p for p in (tmp_path / "runs").rglob("result.json") if p != recorded]
     assert recorded.read_bytes() == before
+    assert journal.read_bytes() == journal_before  # the study storage is untouched too
 
 
 @pytest.mark.parametrize("case", sorted(DATA_CASES))
@@ -99,6 +117,15 @@ CONFIG_CASES = {
     "unknown objective": (["objectives=[{name: eval/accuracy, direction: maximize}]"],
                           ["unknown metric 'eval/accuracy'"]),
     "tiny memory limit": (["train.memory_limit_mb=100"], ["train.memory_limit_mb: must be >= 1536"]),
+    # Hydra's own message for lora.rank=8 suggests +lora.rank=8, which would otherwise be silently ignored.
+    "added key unknown to the schema": (["+lora.rank=8"], ["lora.rank: not a setting of lora",
+                                                           "did you mean lora.r?", "remove the `+lora.rank`"]),
+    "added key with a typo": (["+train.steps=100"], ["train.steps: not a setting of train",
+                                                     "did you mean train.max_steps?"]),
+    "added top-level key": (["+lr=0.1"], ["lr: not a setting of the trial config"]),
+    "interpolation to nothing": (["train.lr=${nope.x}"], ["train.lr: Interpolation key 'nope.x' not found",
+                                                          "fix the value"]),
+    "objective not measured": (["eval.metrics=[loss]"], ["'eval/rougeL' is not measured with eval.metrics=['loss']"]),
 }
 
 
@@ -118,6 +145,27 @@ SWEEP_CASES = {
     "range low above high": (["hydra/sweeper=optuna", "train.lr=interval(0.1,0.01)"],
                              ["hydra.sweeper.params.train.lr", "swap the bounds"]),
     "bad value in one grid cell": (["lora.r=2,-4"], ["lora.r: must be >= 1", "nothing was run"]),
+    "added key swept": (["+lora.rank=8,16"], ["lora.rank: not a setting of lora", "nothing was run"]),
+    "interpolation to nothing in a sweep": (["lora.r=2,4", "train.lr=${nope.x}"],
+                                            ["train.lr: Interpolation key 'nope.x' not found", "nothing was run"]),
+    "zero jobs per batch": (["lora.r=2,4", "hydra.sweeper.n_jobs=0"], ["hydra.sweeper.n_jobs: must be >= 1"]),
+    "failure rate out of range": (["lora.r=2", "hydra.sweeper.max_failure_rate=-1"],
+                                  ["hydra.sweeper.max_failure_rate: must be in [0, 1]"]),
+    "zero trials": (["hydra/sweeper=optuna", "hydra.sweeper.n_trials=0", "lora.r=choice(2,4)"],
+                    ["hydra.sweeper.n_trials: must be >= 1"]),
+    "a search with nothing to search": (["hydra/sweeper=optuna"], ["hydra.sweeper.params: nothing to search"]),
+    "an interval in a grid": (["train.lr=interval(0.0001,0.001)"], ["a grid needs finite values",
+                                                                     "use choice(...) or range(...)"]),
+    "cmaes with two objectives": (["hydra/sweeper=optuna", "hydra/sweeper/sampler=cmaes", "lora.r=choice(2,4)"],
+                                  ["CmaEsSampler optimises one objective, and 2 are declared",
+                                   "hydra/sweeper/sampler=tpe"]),
+    "journal where nothing can be created": (["lora.r=2", "hydra.sweeper.storage=/proc/paretune.journal"],
+                                             ["cannot use journal file /proc/paretune.journal",
+                                              "choose a writable folder"]),
+    "journal under a regular file": (["lora.r=2", "hydra.sweeper.storage=/etc/hostname/studies.journal"],
+                                     ["cannot use journal file /etc/hostname/studies.journal"]),
+    "sqlite scheme typo": (["lora.r=2", "hydra.sweeper.storage=sqlit:///x.db"],
+                           ["unsupported scheme 'sqlit://'", "sqlite:///path.db"]),
 }
 
 
