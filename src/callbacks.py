@@ -10,6 +10,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from src import metrics as M
+from src.redact import scrub_text
 from src.results import RESULT_FILE
 
 COLUMNS = (M.EVAL_ROUGE[2], M.gain_name(M.EVAL_ROUGE[2]), M.EVAL_BERTSCORE_F1, M.EVAL_LOSS,
@@ -21,23 +22,49 @@ def _job_num(path: Path) -> tuple[int, str]:
     return (int(name), name) if name.isdigit() else (1 << 30, name)
 
 
+def _unreadable(path: Path, why: str) -> dict[str, Any]:
+    return {"status": "unreadable", "error": {"message": f"{path}: {why}"}, "trial": {}}
+
+
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Every trial record under a sweep directory, in job order."""
-    return [json.loads(p.read_text()) for p in sorted(sweep_dir.glob(f"*/{RESULT_FILE}"), key=_job_num)]
+    """Every trial record under a sweep directory, in job order. A record that cannot be read (cut
+    short, hand-edited) is a row saying so, not a traceback at the end of the sweep."""
+    out: list[dict[str, Any]] = []
+    for path in sorted(sweep_dir.glob(f"*/{RESULT_FILE}"), key=_job_num):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            out.append(_unreadable(path, getattr(exc, "strerror", None) or type(exc).__name__))
+            continue
+        ok = isinstance(record, dict) and isinstance(record.get("trial", {}), dict)
+        out.append(record if ok else _unreadable(path, "not a trial record"))
+    return out
+
+
+def trial_number(record: dict[str, Any]) -> str:
+    """The Optuna trial number (what the study, the report and the dashboard call the trial), else
+    the Hydra job number: they differ as soon as a study is resumed or shared by several workers."""
+    trial = record.get("trial") or {}
+    number = (trial.get("study") or {}).get("trial")
+    if number is None:
+        number = trial.get("job_num")
+    return "" if number is None else str(number)
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
-    """Params, quality and cost of each trial; failed trials show their reason. No dataset text."""
+    """Params, quality and cost of each trial; failed trials show their reason. No dataset text.
+    Overrides and reasons pass through scrub_text: a storage URL on the command line keeps its
+    password out of the table."""
     header = ["#", "status", "overrides", *COLUMNS]
     rows = []
     for r in records:
-        values = {**r.get("metrics", {}), **r.get("gains", {})}
-        cells = [f"{values[c]:.4g}" if c in values else "-" for c in COLUMNS]
-        status = r["status"]
+        values = {**(r.get("metrics") or {}), **(r.get("gains") or {})}
+        cells = [f"{values[c]:.4g}" if isinstance(values.get(c), int | float) else "-" for c in COLUMNS]
+        status = str(r.get("status"))
         if status != "completed":
-            status = f"{status}: {(r.get('error') or {}).get('message', '')}"[:60]
-        overrides = " ".join(r["trial"].get("overrides", [])) or "(defaults)"
-        rows.append([str(r["trial"].get("job_num", "")), status, overrides, *cells])
+            status = scrub_text(f"{status}: {(r.get('error') or {}).get('message', '')}")[:60]
+        overrides = scrub_text(" ".join(str(o) for o in (r.get("trial") or {}).get("overrides", []))) or "(defaults)"
+        rows.append([trial_number(r), status, overrides, *cells])
     widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
     line = "  ".join
     out = [line(h.ljust(w) for h, w in zip(header, widths, strict=True))]
