@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 from analysis import figures
 from analysis.report import machine
 from analysis.summary import Summary
+from analysis.trials import describe_unreadable
 
 COLORS = ("#d62728", "#1f77b4")
 
@@ -43,6 +44,8 @@ def markdown(a: Summary, b: Summary) -> str:
     out = [f"# {a.data.name} vs {b.data.name}", ""]
     for tag, s in (("A", a), ("B", b)):
         out += [f"## {tag}: {s.data.name}", "", f"- Source: {s.data.source}"]
+        if s.data.unreadable:
+            out.append(f"- Unreadable records, left out: {describe_unreadable(s.data.unreadable)}")
         out += [f"- Machine: {m}" for m in machine(s)]
         out += ["", f"| trial | {quality} | {cost} |", "|---|---|---|"]
         out += [f"| {g.label} | {g.mean.get(quality, float('nan')):.4g} | {g.mean.get(cost, float('nan')):.4g} |"

@@ -21,9 +21,13 @@ CONF = PROJECT_ROOT / "conf"
 GROUP = "recommended"
 
 
+# Where the study is recorded is not part of what a trial runs, and its URL may carry a password.
+_BOOKKEEPING = ("study.", "hydra.", "hydra/", "paths.study_storage=")
+
+
 def reproducible(overrides: list[str]) -> list[str]:
     """The overrides that matter for one run: study bookkeeping and Hydra's own settings dropped."""
-    return [o for o in overrides if not o.lstrip("+~").startswith(("study.", "hydra.", "hydra/"))]
+    return [o for o in overrides if not o.lstrip("+~").startswith(_BOOKKEEPING)]
 
 
 def command(overrides: list[str]) -> str:

@@ -7,7 +7,6 @@ setting are reduced to their median, and the table says how many there were.
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -26,21 +25,33 @@ def markers(block: str | None = None) -> tuple[str, str]:
     return f"<!-- ratios:{block}:begin -->", f"<!-- ratios:{block}:end -->"
 
 
-def load_records(paths: Iterable[Path]) -> list[dict[str, Any]]:
-    """Completed trial records from result.json files or the sweep folders holding them."""
-    out = []
+def read_records(paths: Iterable[Path]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Completed trial records from result.json files or the sweep folders holding them, and
+    (path, why) of each record that could not be read (cut short, not JSON, wrong shape)."""
+    from analysis.trials import read_record
+
+    out, unreadable = [], []
     for path in paths:
+        if not path.exists():
+            raise ValueError(f"{path} does not exist; give sweep folders or result.json files")
         files = [path] if path.is_file() else sorted(path.glob("*/result.json"))
         for f in files:
-            record = json.loads(f.read_text())
-            if record.get("status") == "completed":
+            record, why = read_record(f)
+            if record is None:
+                unreadable.append((str(f), why or "unreadable"))
+            elif record.get("status") == "completed":
                 out.append(record)
-    return out
+    return out, unreadable
+
+
+def load_records(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """Completed trial records from result.json files or the sweep folders holding them."""
+    return read_records(paths)[0]
 
 
 def setting(record: dict[str, Any], keys: Sequence[str]) -> tuple[str, ...]:
     """The trial's value of each key, as its command line gave it ("default" when not overridden)."""
-    given = dict(o.split("=", 1) for o in record["trial"].get("overrides", []) if "=" in o)
+    given = dict(o.split("=", 1) for o in (record.get("trial") or {}).get("overrides", []) if "=" in o)
     return tuple(given.get(k, "default") for k in keys)
 
 
@@ -56,7 +67,7 @@ def table(records: list[dict[str, Any]], keys: Sequence[str], reference: dict[st
                          f"settings found: {sorted(groups)}")
 
     def median(rows: list[dict[str, Any]], m: str) -> float | None:
-        values = [r["metrics"][m] for r in rows if m in r["metrics"]]
+        values = [r["metrics"][m] for r in rows if m in (r.get("metrics") or {})]
         return statistics.median(values) if values else None
 
     ref = {m: median(groups[ref_key], m) for m in metrics}

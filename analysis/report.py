@@ -13,7 +13,7 @@ from typing import Any
 
 from analysis import configs, figures
 from analysis.summary import Group, Summary
-from analysis.trials import metric_names
+from analysis.trials import describe_unreadable, metric_names
 
 log = logging.getLogger("paretune.analysis")
 PNG_SCALE = 1
@@ -78,6 +78,8 @@ def markdown(s: Summary, written_configs: dict[str, tuple[Path, str]], files: li
     out = [f"# Pareto report: {s.data.name}", ""]
     out += [f"- Source: {s.data.source}", f"- Trials: {len(s.data.rows)} ({_status_counts(s)}); "
             f"{len(s.groups)} distinct completed configuration(s)"]
+    if s.data.unreadable:  # a record cut short by a crash must not vanish from the count unnoticed
+        out.append(f"- Unreadable records, left out: {describe_unreadable(s.data.unreadable)}")
     out.append("- Objectives: " + ", ".join(f"{n} ({d})" for n, d in s.data.objectives))
     out.append("- Constraints: " + ("; ".join(c.text for c in s.constraints) or "none"))
     out += ["- Machine: " + m for m in machine(s)]
@@ -93,6 +95,8 @@ def markdown(s: Summary, written_configs: dict[str, tuple[Path, str]], files: li
         if rec.kind in written_configs:
             out.append(written_configs[rec.kind][1])
         out += ["```", ""]
+    if s.recommendations and s.notes:
+        out += [f"Note: {note}." for note in s.notes] + [""]
     names = s.objective_names
     out += ["## Pareto front", "", f"Feasible, non-dominated configurations over {', '.join(names)} "
             "(mean ± sample standard deviation where a configuration ran more than once).", ""]

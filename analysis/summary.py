@@ -104,6 +104,18 @@ def merge(rows: list[TrialRow]) -> list[Group]:
     return groups
 
 
+def check_choices(data: StudyData, quality: str | None, cost: str | None, tolerance: float) -> None:
+    """Refuse a quality or cost metric no trial measured, and a tolerance that is negative or not a
+    number: either would silently empty the scatter or drop the 'cheapest' recommendation."""
+    if not math.isfinite(tolerance) or tolerance < 0:
+        raise ValueError(f"--tolerance must be a number >= 0 (how far below the best quality 'cheapest' may be), "
+                         f"got {tolerance:g}")
+    known = sorted({m for r in data.rows for m in r.metrics} | {n for n, _ in data.objectives})
+    for flag, name in (("--quality", quality), ("--cost", cost)):
+        if name is not None and name not in known:
+            raise ValueError(f"{flag} '{name}': no trial of {data.name} measured it; use one of {known}")
+
+
 def _pick_axes(data: StudyData, quality: str | None, cost: str | None) -> tuple[tuple[str, str], str]:
     objectives = dict(data.objectives)
     if quality is None:
@@ -182,6 +194,7 @@ def _study_from_rows(data: StudyData) -> Any:
 
 def summarize(data: StudyData, constraints: list[Constraint], tolerance: float = 0.01,
               quality: str | None = None, cost: str | None = None) -> Summary:
+    check_choices(data, quality, cost, tolerance)
     quality_axis, cost_metric = _pick_axes(data, quality, cost)
     groups = merge(data.completed)
     for g in groups:
@@ -200,6 +213,9 @@ def summarize(data: StudyData, constraints: list[Constraint], tolerance: float =
     cheapest = _cheapest(feasible, quality_axis, cost_metric, tolerance)
     if cheapest is not None:
         recs.append(cheapest)
+    elif feasible:
+        notes.append(f"no 'cheapest' recommendation: no feasible configuration measured both {quality_axis[0]} "
+                     f"and {cost_metric}")
 
     completed = sorted(data.completed, key=lambda r: r.number)
     history: list[tuple[int, float]] = []
