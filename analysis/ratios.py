@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from src import metrics as M
+from src.redact import scrub_text
 
 DEFAULT_METRICS = (M.TRAIN_TOKENS_PER_S, M.COST_PEAK_RSS_MB, M.EVAL_ROUGE[2])
 BEGIN, END = "<!-- ratios:begin -->", "<!-- ratios:end -->"
@@ -52,7 +53,7 @@ def load_records(paths: Iterable[Path]) -> list[dict[str, Any]]:
 def setting(record: dict[str, Any], keys: Sequence[str]) -> tuple[str, ...]:
     """The trial's value of each key, as its command line gave it ("default" when not overridden)."""
     given = dict(o.split("=", 1) for o in (record.get("trial") or {}).get("overrides", []) if "=" in o)
-    return tuple(given.get(k, "default") for k in keys)
+    return tuple(scrub_text(given.get(k, "default")) for k in keys)  # a storage URL key keeps no password
 
 
 def table(records: list[dict[str, Any]], keys: Sequence[str], reference: dict[str, str],

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from analysis import ratios
 from analysis.__main__ import folder_name
 from src.callbacks import collect, format_table
 from src.config import PROJECT_ROOT
@@ -225,6 +226,13 @@ def test_no_storage_password_in_any_report_file(tmp_path):
     assert "postgresql://bob:***@db.example" in (out / "trials.csv").read_text()  # it was there, masked
     for text in [proc.stdout, proc.stderr, cmp_.stdout, cmp_.stderr, *(p.read_text() for p in written), *names]:
         assert not [piece for piece in PIECES if piece in text]
+
+
+def test_ratios_table_keeps_no_password():
+    """ratios' rows are override values: a storage key among --keys must not show its password."""
+    r = {"status": "completed", "trial": {"overrides": [f"paths.study_storage={URL}", "quant=none"]}}
+    assert ratios.setting(r, ["paths.study_storage", "quant"]) == ("postgresql://bob:***@db.example:5432/optuna",
+                                                                   "none")
 
 
 def _rec(job: int, trial: int | None, status: str = "completed", **extra: Any) -> dict[str, Any]:
