@@ -114,18 +114,44 @@ def test_a_worker_killed_by_sigkill_is_a_failed_trial_and_the_next_runs(tmp_path
     assert not list(sweep.rglob(".result.json.*.tmp"))  # no half-written record left behind
 
 
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie waiting for its parent counts: it runs nothing any more)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def test_a_hung_worker_is_killed_at_its_budget_and_the_failure_limit_stops_the_sweep(tmp_path, data_root,
                                                                                      cache_dir):
-    """Two trials that outlive train.worker_timeout_s; with max_failure_rate=0 the sweep stops after the
-    first, says why, and the second never starts."""
+    """The first worker hangs for real: it is stopped (SIGSTOP) as soon as it starts, so it neither runs
+    nor exits. It must be killed when train.worker_timeout_s has passed, not much later; with
+    max_failure_rate=0 the sweep then stops, says why, and the second trial never starts."""
+    budget, slack = 8, 4  # slack: the sweep's poll, the kill and this test's own 0.1 s polling
     sweep = tmp_path / "sweep"
-    proc = subprocess.run(_cmd(tmp_path, data_root, cache_dir, "-m", f"hydra.sweep.dir={sweep}",
-                               "hydra.sweeper.max_failure_rate=0", "train.worker_timeout_s=2", "lora.r=2,4"),
-                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 1 and "max_failure_rate" in proc.stderr, proc.stderr[-3000:]
+    proc = subprocess.Popen(_cmd(tmp_path, data_root, cache_dir, "-m", f"hydra.sweep.dir={sweep}",
+                                 "hydra.sweeper.max_failure_rate=0", f"train.worker_timeout_s={budget}",
+                                 "lora.r=2,4"),
+                            cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        pid = _worker_pid((sweep / "0").resolve())
+        os.kill(pid, signal.SIGSTOP)
+        hung_at = time.monotonic()
+        while not _gone(pid) and time.monotonic() - hung_at < budget + slack + 5:
+            time.sleep(0.1)
+        hung_for = time.monotonic() - hung_at
+        # found and stopped within a second of its start, so the kill is due budget - 1 .. budget s later
+        assert budget - 1.5 <= hung_for <= budget + slack, f"the hung worker was still there after {hung_for:.1f} s"
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and "max_failure_rate" in err, err[-3000:]
     records = _records(sweep)
     assert list(records) == [0]
-    assert records[0]["error"]["message"] == "worker killed after the 2 s timeout (train.worker_timeout_s)"
+    assert records[0]["error"]["message"] == f"worker killed after the {budget} s timeout (train.worker_timeout_s)"
+    assert budget <= records[0]["timings"]["worker_wall_s"] <= budget + slack
 
 
 def test_postgresql_restarted_under_two_workers_loses_and_doubles_nothing(tmp_path, pg):
