@@ -52,9 +52,10 @@ def remember(text: str | None) -> None:
     found = [m.group("password") for m in _URL_PASSWORD.finditer(text)]
     found += [m.group("password") for m in _QUERY_PASSWORD.finditer(text)]
     for typed in found:
-        for form in (typed, unquote(typed), quote(unquote(typed), safe="")):
-            if len(form) >= _MIN_REMEMBERED:
-                _secrets.add(form)
+        forms = {typed, unquote(typed), quote(unquote(typed), safe="")}
+        # A raw "@", ":" or "/" makes drivers split the password and quote a piece as a host or port.
+        forms |= {piece for form in list(forms) for piece in re.split(r"[@:/]", form)}
+        _secrets.update(form for form in forms if len(form) >= _MIN_REMEMBERED)
 
 
 def scrub_text(text: str) -> str:

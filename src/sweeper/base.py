@@ -79,8 +79,11 @@ class StudySweeper(Sweeper):
 
         self.storage = storage = S.open_storage(self.storage_spec)
         sampler = self.make_sampler(space, len(directions))
-        study = optuna.create_study(storage=storage, study_name=name, directions=directions, sampler=sampler,
-                                    load_if_exists=True)
+        try:  # load first: creating an existing study would still append to a journal before it fails
+            study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        except KeyError:
+            study = optuna.create_study(storage=storage, study_name=name, directions=directions, sampler=sampler,
+                                        load_if_exists=True)
         self.distributions = self.trial_distributions(space, study)
         S.check_resumed(study, names, directions, self.distributions)
         if study.metric_names is None:
