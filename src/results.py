@@ -82,9 +82,17 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The process umask, read without changing it. The usual idiom (os.umask(0), then set it back)
+    opens a window in which a file created by another thread (the sweep's lease renewal, the worker
+    log's tee) is world-readable, even under privacy=strict. Linux reports it in /proc/self/status."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o077  # unknown: the strictest usual value, never a window
 
 
 class RecordError(OSError):
