@@ -42,6 +42,23 @@ SUMMARIES = [
 ]
 HEADERS = ["CC", "ALLERGY", "ROS", "FAM/SOCHX", "FAM/SOCHX", "CC"]
 
+# Held-out pairs: dialogues and summaries that appear nowhere in the training set, written in its
+# template and phrasing ("<finding> since ...", "Allergic to ..., which causes ...", "Former ... smoker,
+# quit ... years ago"). A tiny random model cannot learn medicine from 6 pairs, but what it can learn
+# (the summary style, its frequent words, where a summary ends) carries over to these: a lower loss on
+# them shows learning that is not memorisation of the very pairs it trained on.
+HELD_OUT_SOURCES = [
+    "Doctor: What brings you in today? Patient: My right ankle has been swelling since the long hike.",
+    "Doctor: Any allergies? Patient: Sulfa pills give me itchy red hives on both shins.",
+    "Doctor: Do you smoke? Patient: I quit cigarettes six years ago after my father's heart attack.",
+]
+HELD_OUT_SUMMARIES = [
+    "Right ankle swelling since a long hike.",
+    "Allergic to sulfa, which causes a red shin rash.",
+    "Former cigarette smoker, quit six years ago.",
+]
+HELD_OUT_HEADERS = ["CC", "ALLERGY", "FAM/SOCHX"]
+
 # A short, fast trial on the tiny model; tests add what they check.
 TINY = ["model=tiny", "train.max_steps=3", "train.batch_size=2", "train.max_seq_len=128",
         "eval.num_examples=2", "eval.max_new_tokens=4", "eval.batch_size=2"]
@@ -59,6 +76,17 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
             for i, (s, m, h) in enumerate(zip(SOURCES, SUMMARIES, HEADERS, strict=True))]
     write_jsonl(root / "train.jsonl", rows)
     write_jsonl(root / "validation.jsonl", [{**r, "id": "val-" + r["id"], "split": "validation"} for r in rows[:3]])
+    return root
+
+
+@pytest.fixture(scope="session")
+def held_out_root(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
+    """data_root's training set, with a validation set that shares no dialogue or summary with it."""
+    root = tmp_path_factory.mktemp("held_out")
+    shutil.copyfile(data_root / "train.jsonl", root / "train.jsonl")
+    rows = [{"id": f"held-{i}", "split": "validation", "source": s, "summary": m, "section_header": h}
+            for i, (s, m, h) in enumerate(zip(HELD_OUT_SOURCES, HELD_OUT_SUMMARIES, HELD_OUT_HEADERS, strict=True))]
+    write_jsonl(root / "validation.jsonl", rows)
     return root
 
 

@@ -59,8 +59,9 @@ def test_what_a_backend_lacks_is_refused(name, over, fragment):
 
 @pytest.mark.parametrize(("name", "layer"), [("bnb_nf4", "Linear4bit"), ("bnb_fp4", "Linear4bit"),
                                              ("bnb_int8", "Linear8bitLt"), ("torchao_int8", "Linear[Int8Tensor]")])
-def test_each_backend_trains_lora_on_the_tiny_model(tmp_path, data_root, cache_dir, name, layer):
-    proc = run_cli([*TINY, f"data.root={data_root}", f"paths.cache_dir={cache_dir}", "logger=none",
+def test_each_backend_trains_lora_on_the_tiny_model(tmp_path, held_out_root, cache_dir, name, layer):
+    # held_out_root: the eval pairs are not training pairs, so a lower eval loss is not memorisation
+    proc = run_cli([*TINY, f"data.root={held_out_root}", f"paths.cache_dir={cache_dir}", "logger=none",
                     f"hydra.run.dir={tmp_path / 'run'}", f"quant={name}", "train.max_steps=10", "train.lr=0.05",
                     # bitsandbytes' CPU 4-bit kernel packs weights in blocks of 64 inputs: wider than TINY's 32
                     "model.shape.hidden_size=64", "model.shape.intermediate_size=128",
@@ -74,7 +75,7 @@ def test_each_backend_trains_lora_on_the_tiny_model(tmp_path, data_root, cache_d
     assert record["data"]["eval_model"] == f"merged into {facts['quant_type']} base"
     log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["train/loss"] < log[0]["train/loss"] - 0.5, [x["train/loss"] for x in log]
-    assert record["gains"]["gain/loss"] < 0
+    assert record["gains"]["gain/loss"] < -0.5  # held-out loss fell too: what it learnt carries over
     assert not (tmp_path / "run" / ".base").exists()  # the scratch copy of the tiny base is gone
 
 
@@ -91,10 +92,10 @@ def test_ipex_needs_its_environment(tmp_path):
     assert quant.worker_python(q("ipex_sym_int4", bits=32, quant_type=None), "/x/python") == sys.executable
 
 
-def test_ipex_sym_int4_trains_lora_in_its_own_environment(tmp_path, data_root, cache_dir):
+def test_ipex_sym_int4_trains_lora_in_its_own_environment(tmp_path, held_out_root, cache_dir):
     if not IPEX_PYTHON.exists():
         require("the ipex-llm environment", f"{IPEX_PYTHON} is missing; create it with `make ipex-venv`")
-    proc = run_cli([*TINY, f"data.root={data_root}", f"paths.cache_dir={cache_dir}", "logger=none",
+    proc = run_cli([*TINY, f"data.root={held_out_root}", f"paths.cache_dir={cache_dir}", "logger=none",
                     f"hydra.run.dir={tmp_path / 'run'}", "quant=ipex_sym_int4", "train.max_steps=10",
                     "train.lr=0.05", "model.shape.hidden_size=64", "model.shape.intermediate_size=128",
                     "train.warmup_ratio=0", "train.scheduler=constant", "eval.metrics=[loss,rouge]"],
