@@ -21,7 +21,7 @@ from typing import TypeVar
 from urllib.parse import unquote
 
 from analysis import ratios
-from src.config import PROJECT_ROOT
+from src.paths import PROJECT_ROOT
 from src.redact import url_password
 
 STORAGE_ENV = "PARETUNE_STUDY_STORAGE"

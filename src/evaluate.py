@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from src import metrics as M
-from src.config import package_dir
 from src.data import Example
 from src.loop import collate, target_loss
+from src.paths import package_dir
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 # Flags that change which kernels run fast for training (bf16/int8 matmul units, vector width).
@@ -81,9 +82,43 @@ def suggest(facts: dict[str, object], allocators: dict[str, str | None]) -> dict
     return profile
 
 
-def main() -> None:
-    from src.cpu import allocators_found
+# ---- allocators: which are installed here, which this process runs with ------------------------
+# Debian's packages for each allocator (what `make setup` installs) and the library each preloads.
+ALLOCATOR_PACKAGES = {"tcmalloc": "libgoogle-perftools4", "jemalloc": "libjemalloc2"}
+_ALLOCATOR_LIBS = {"tcmalloc": ("libtcmalloc.so.4", "libtcmalloc_minimal.so.4", "libtcmalloc.so"),
+                   "jemalloc": ("libjemalloc.so.2", "libjemalloc.so")}
+_LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
+             "/usr/local/lib", f"{sys.prefix}/lib")
 
+def find_allocator(name: str) -> str | None:
+    """Path of the allocator's shared library on this machine, or None."""
+    if name == "system":
+        return None
+    for d in _LIB_DIRS:
+        for lib in _ALLOCATOR_LIBS[name]:
+            p = Path(d) / lib
+            if p.is_file():
+                return str(p)
+    return None
+
+
+def allocators_found() -> dict[str, str | None]:
+    return {name: find_allocator(name) for name in _ALLOCATOR_LIBS}
+
+
+def allocator_in_effect(maps: Path = Path("/proc/self/maps")) -> str:
+    """Which malloc this process really uses, from the libraries mapped into it."""
+    try:
+        text = maps.read_text()
+    except OSError:
+        return "unknown"
+    for name in ("tcmalloc", "jemalloc"):
+        if f"lib{name}" in text:
+            return name
+    return "system"
+
+
+def main() -> None:
     facts = probe()
     found = allocators_found()
     print(json.dumps({**facts, "allocators": {"system": "glibc", **found},

@@ -18,7 +18,7 @@ import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from src.config import package_dir
+from src.paths import package_dir
 
 log = logging.getLogger(__name__)
 

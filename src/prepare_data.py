@@ -87,7 +87,8 @@ def default_root() -> Path:
     """The folder holding ``mts_dialog/``, resolved exactly as the default data config resolves it."""
     from omegaconf import OmegaConf
 
-    from src.config import PROJECT_ROOT, register_configs
+    from src.config import register_configs
+    from src.paths import PROJECT_ROOT
 
     register_configs()  # the ${paretune_root:} resolver
     dcfg = OmegaConf.load(PROJECT_ROOT / "conf" / "data" / "mts_dialog.yaml")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from src import cpu
-from src.config import PROJECT_ROOT
+from src.paths import PROJECT_ROOT
 
 WORKER_LOG = "worker.log"
 # Never handed to the worker: it needs no credentials, and a crash dump must not contain them.
@@ -61,18 +61,6 @@ def limits(memory_limit_mb: int | None, then: Callable[[], None] | None = None) 
             then()
 
     return apply
-
-
-def allocator_in_effect(maps: Path = Path("/proc/self/maps")) -> str:
-    """Which malloc this process really uses, from the libraries mapped into it."""
-    try:
-        text = maps.read_text()
-    except OSError:
-        return "unknown"
-    for name in ("tcmalloc", "jemalloc"):
-        if f"lib{name}" in text:
-            return name
-    return "system"
 
 
 @dataclass

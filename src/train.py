@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from src import cpu, data, privacy, quant, redact, results, runtime, tracking
-from src.config import PROJECT_ROOT, ConfigError, register_configs, to_plain, validate
+from src.config import ConfigError, register_configs, to_plain, validate
+from src.paths import PROJECT_ROOT
 from src.results import TrialResult
 from src.worker import CONFIG_FILE
 

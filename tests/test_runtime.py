@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from src import runtime
+from src import hw, runtime
 
 CPU_DEFAULTS = OmegaConf.load(Path(__file__).parents[1] / "conf/cpu/default.yaml")
 
@@ -35,10 +35,10 @@ def test_worker_env_defaults_to_the_usable_cores():
 def test_allocator_is_read_from_the_process_maps(tmp_path):
     maps = tmp_path / "maps"
     maps.write_text("7f00 r-xp /usr/lib/x86_64-linux-gnu/libc.so.6\n")
-    assert runtime.allocator_in_effect(maps) == "system"
+    assert hw.allocator_in_effect(maps) == "system"
     maps.write_text("7f00 r-xp /usr/lib/x86_64-linux-gnu/libtcmalloc.so.4\n")
-    assert runtime.allocator_in_effect(maps) == "tcmalloc"
-    assert runtime.allocator_in_effect() == "system"  # this test process
+    assert hw.allocator_in_effect(maps) == "tcmalloc"
+    assert hw.allocator_in_effect() == "system"  # this test process
 
 
 def test_worker_exit_descriptions():
