@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from src.overrides import key as override_key
+from src.overrides import parse as parse_overrides
 from src.paths import PROJECT_ROOT
 
 CONF = PROJECT_ROOT / "conf"
@@ -42,8 +43,8 @@ def as_config(overrides: list[str], header: str) -> str:
     """The YAML text of the config group option equivalent to ``overrides``."""
     defaults: list[Any] = []
     body: dict[str, Any] = {}
-    for o in OverridesParser.create().parse_overrides(reproducible(overrides)):
-        key = o.get_key_element().lstrip("+~")
+    for o in parse_overrides(reproducible(overrides)):
+        key = override_key(o)
         if o.is_delete():
             raise ValueError(f"override '{o.input_line}' deletes a key; a config file cannot say that")
         if _is_group(key):

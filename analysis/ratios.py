@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from src import metrics as M
+from src import overrides, results
 from src.redact import scrub_text
 
 DEFAULT_METRICS = (M.TRAIN_TOKENS_PER_S, M.COST_PEAK_RSS_MB, M.EVAL_ROUGE[2])
@@ -35,7 +36,7 @@ def read_records(paths: Iterable[Path]) -> tuple[list[dict[str, Any]], list[tupl
     for path in paths:
         if not path.exists():
             raise ValueError(f"{path} does not exist; give sweep folders or result.json files")
-        files = [path] if path.is_file() else sorted(path.glob("*/result.json"))
+        files = results.record_files(path)
         for f in files:
             record, why = read_record(f)
             if record is None:
@@ -52,7 +53,7 @@ def load_records(paths: Iterable[Path]) -> list[dict[str, Any]]:
 
 def setting(record: dict[str, Any], keys: Sequence[str]) -> tuple[str, ...]:
     """The trial's value of each key, as its command line gave it ("default" when not overridden)."""
-    given = dict(o.split("=", 1) for o in (record.get("trial") or {}).get("overrides", []) if "=" in o)
+    given = overrides.texts((record.get("trial") or {}).get("overrides", []))
     return tuple(scrub_text(given.get(k, "default")) for k in keys)  # a storage URL key keeps no password
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from src import metrics as M
+from src import overrides as src_overrides
+from src import results
 from src.redact import scrub
 
 # Config sections that do not change what a trial measures: where files go, how it is tracked,
@@ -111,16 +113,9 @@ def check_record(record: Any) -> str | None:
 
 def read_record(path: str | Path) -> tuple[dict[str, Any] | None, str | None]:
     """(record, None), or (None, why it cannot be used): missing, cut short, not JSON, wrong shape."""
-    try:
-        record = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        return None, "missing"
-    except OSError as exc:
-        return None, f"cannot be read ({exc.strerror or type(exc).__name__})"
-    except UnicodeDecodeError:
-        return None, "not UTF-8 text"
-    except json.JSONDecodeError as exc:  # the message has the position only, never the file's text
-        return None, f"not valid JSON (cut short or corrupted: {exc.msg} at line {exc.lineno} column {exc.colno})"
+    record, why = results.load(Path(path))
+    if record is None:
+        return None, why
     why = check_record(record)
     return (None, why) if why else (record, None)
 
@@ -157,12 +152,7 @@ def _objective_values(record: dict[str, Any], names: list[str]) -> list[float] |
 
 
 def _params_from_overrides(overrides: Iterable[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for o in overrides:
-        if "=" in o and not o.startswith(("study.", "hydra.")):
-            key, value = o.split("=", 1)
-            out[key.lstrip("+~")] = value
-    return out
+    return dict(src_overrides.texts(overrides, skip=("study.", "hydra.")))
 
 
 def from_storage(study_name: str, storage: str) -> StudyData:
@@ -215,7 +205,7 @@ def _gather(paths: list[Path]) -> tuple[list[tuple[Path, dict[str, Any]]], list[
         if not path.exists():
             raise ValueError(f"{path} does not exist; give sweep folders or result.json files "
                              "(or --study NAME to read the study from --storage)")
-        files.extend([path] if path.is_file() else sorted(path.rglob("result.json")))
+        files.extend(results.record_files(path, recursive=True))
     records, unreadable = [], []
     for f in files:
         record, why = read_record(f)

@@ -65,7 +65,7 @@ def run_sweep(sweep_dir: Path, pairs: int, overrides: list[str], invocation: str
 
 def collect(sweep_dir: Path, gemm_gflops: float, sweep_wall_s: float) -> dict[str, Any]:
     """Every trial of the sweep, its numbers, and the per-engine summary."""
-    dirs = sorted((p.parent for p in sweep_dir.glob("*/result.json")), key=lambda p: int(p.name))
+    dirs = sorted((p.parent for p in results.record_files(sweep_dir)), key=lambda p: int(p.name))
     if not dirs:
         raise SystemExit(f"{sweep_dir}: no trial records; did the sweep start?")
     records = [(d, results.read(d).to_dict()) for d in dirs]

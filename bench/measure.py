@@ -8,12 +8,12 @@ median and range of each, and the ratios of our loop to transformers.Trainer.
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
 from src import metrics as M
+from src import results
 
 # Model FLOPs per trained token: forward 2N, backward through the frozen weights to the LoRA inputs
 # 2N (their weight gradients are skipped). Full fine-tuning would be 6N (weight gradients too).
@@ -23,7 +23,7 @@ WARMUP_STEPS = 2  # the first steps pay for allocations and MKL's kernel choice
 
 def step_tokens_per_s(trial_dir: Path, warmup: int = WARMUP_STEPS) -> list[float]:
     """Per-step training tokens/s after warm-up, from the trial's train_log.jsonl."""
-    rows = [json.loads(line) for line in (trial_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    rows = results.read_train_log(trial_dir)
     values = [float(r[M.TRAIN_TOKENS_PER_S]) for r in rows if int(r["step"]) > warmup]
     if not values:
         raise ValueError(f"{trial_dir}: no training step after the {warmup} warm-up steps; raise train.max_steps")

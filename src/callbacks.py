@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +9,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from src import metrics as M
+from src import results
 from src.redact import scrub_text
-from src.results import RESULT_FILE
 
 COLUMNS = (M.EVAL_ROUGE[2], M.gain_name(M.EVAL_ROUGE[2]), M.EVAL_BERTSCORE_F1, M.EVAL_LOSS,
            M.COST_TRAIN_S, M.TRAIN_TOKENS_PER_S, M.COST_PEAK_RSS_MB, M.COST_USD)
@@ -30,11 +29,10 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     """Every trial record under a sweep directory, in job order. A record that cannot be read (cut
     short, hand-edited) is a row saying so, not a traceback at the end of the sweep."""
     out: list[dict[str, Any]] = []
-    for path in sorted(sweep_dir.glob(f"*/{RESULT_FILE}"), key=_job_num):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            out.append(_unreadable(path, getattr(exc, "strerror", None) or type(exc).__name__))
+    for path in sorted(results.record_files(sweep_dir), key=_job_num):
+        record, why = results.load(path)
+        if record is None:
+            out.append(_unreadable(path, why or "unreadable"))
             continue
         ok = isinstance(record, dict) and isinstance(record.get("trial", {}), dict)
         out.append(record if ok else _unreadable(path, "not a trial record"))

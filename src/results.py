@@ -1,7 +1,9 @@
-"""The result record: one result.json per trial, the single source every report is derived from.
+"""A trial's directory: the names of its files and the only code that reads or writes them.
 
-Written atomically (temp file + rename), so a reader never sees half a record and a crash while
-writing leaves the previous state intact.
+The result record (one result.json per trial) is the single source every report is derived from. It
+is written atomically (temp file + rename), so a reader never sees half a record and a crash while
+writing leaves the previous state intact. Beside it: the config the worker runs (trial_config.json),
+the per-step training log, the predictions, and the worker's own output log.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ from typing import Any
 from src.redact import scrub
 
 SCHEMA_VERSION = 1
-RESULT_FILE = "result.json"
+RESULT_FILE = "result.json"          # the record
+CONFIG_FILE = "trial_config.json"    # the resolved config, written by the parent, read by the worker
+TRAIN_LOG = "train_log.jsonl"        # one row per logged training step
+PREDICTIONS = "predictions.jsonl"    # id, reference, prediction of every eval example (stays on disk)
+WORKER_LOG = "worker.log"            # the worker's stdout and stderr
 STATUSES = ("completed", "failed", "pruned")
 
 
@@ -111,3 +117,63 @@ def write(trial_dir: Path, result: TrialResult) -> Path:
 
 def read(trial_dir: Path) -> TrialResult:
     return TrialResult.from_dict(json.loads((Path(trial_dir) / RESULT_FILE).read_text()))
+
+
+# ---- reading and writing the other files of a trial directory ----------------------------------------
+def record_files(path: Path, recursive: bool = False) -> list[Path]:
+    """The result.json files a user pointed at: the file itself, or those of a sweep folder's trials
+    (``recursive``: at any depth, e.g. a folder of sweeps)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    return sorted(path.rglob(RESULT_FILE) if recursive else path.glob(f"*/{RESULT_FILE}"))
+
+
+def load(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """A record file as plain JSON: (record, None), or (None, why it cannot be read). The reason names
+    the problem and its position only, never the file's text."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None, "missing"
+    except OSError as exc:
+        return None, f"cannot be read ({exc.strerror or type(exc).__name__})"
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
+    except json.JSONDecodeError as exc:
+        return None, f"not valid JSON (cut short or corrupted: {exc.msg} at line {exc.lineno} column {exc.colno})"
+    if not isinstance(record, dict):
+        return None, f"not a JSON object ({type(record).__name__})"
+    return record, None
+
+
+def write_config(trial_dir: Path, plain: dict[str, Any]) -> Path:
+    path = Path(trial_dir) / CONFIG_FILE
+    try:
+        path.write_text(json.dumps(scrub(plain), indent=2))
+    except OSError as exc:
+        raise RecordError(f"cannot write {path}: {exc.strerror or exc}; free space or fix the folder, then run the "
+                          "same command again") from exc
+    return path
+
+
+def read_config(trial_dir: Path) -> dict[str, Any]:
+    config: dict[str, Any] = json.loads((Path(trial_dir) / CONFIG_FILE).read_text())
+    return config
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON Lines file of the trial (empty when the file is absent)."""
+    if not Path(path).is_file():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def read_train_log(trial_dir: Path) -> list[dict[str, Any]]:
+    return read_jsonl(Path(trial_dir) / TRAIN_LOG)

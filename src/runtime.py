@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from src import cpu
+from src import cpu, results
 from src.paths import PROJECT_ROOT
 
-WORKER_LOG = "worker.log"
 # Never handed to the worker: it needs no credentials, and a crash dump must not contain them.
 _SECRET_ENV = ("WANDB_API_KEY",)
 
@@ -123,7 +122,7 @@ def run_worker(trial_dir: Path, env: dict[str, str], timeout_s: float, python: s
     """Run ``python -m src.worker trial_dir`` in its own process group and wait for it.
 
     ``preexec`` runs in the child before it executes Python (e.g. pinning it to cores)."""
-    log_path = trial_dir / WORKER_LOG
+    log_path = trial_dir / results.WORKER_LOG
     start = time.perf_counter()
     proc = subprocess.Popen([python, "-m", "src.worker", str(trial_dir)], env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from src import results
 from src.redact import scrub
 from src.results import TrialResult
 
@@ -62,9 +63,7 @@ def wandb_dirs(trial_dir: Path) -> Iterator[None]:
 
 def _train_rows(trial_dir: Path, result: TrialResult) -> list[dict[str, float]]:
     name = result.artifacts.get("train_log")
-    if not name or not (trial_dir / name).is_file():
-        return []
-    return [json.loads(line) for line in (trial_dir / name).read_text().splitlines() if line.strip()]
+    return results.read_jsonl(trial_dir / name) if name else []
 
 
 def wandb_settings() -> Any:
@@ -97,7 +96,7 @@ def log_wandb(result: TrialResult, trial_dir: Path, lcfg: Any) -> None:
             if result.error:
                 run.summary["error"] = result.error.get("message", "")
             if lcfg.log_text and result.artifacts.get("predictions"):
-                rows = [json.loads(x) for x in (trial_dir / result.artifacts["predictions"]).read_text().splitlines()]
+                rows = results.read_jsonl(trial_dir / result.artifacts["predictions"])
                 table = wandb.Table(columns=["id", "reference", "prediction"],
                                     data=[[r["id"], r["reference"], r["prediction"]] for r in rows])
                 run.log({"eval/predictions": table})

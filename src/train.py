@@ -7,7 +7,6 @@ Python, importable by tests and by sweepers.
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import sys
@@ -17,16 +16,15 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from src import cpu, data, privacy, quant, redact, results, runtime, tracking
+from src import overrides as overrides_
 from src.config import ConfigError, register_configs, to_plain, validate
 from src.paths import PROJECT_ROOT
 from src.results import TrialResult
-from src.worker import CONFIG_FILE
 
 log = logging.getLogger("paretune")
 
@@ -85,11 +83,7 @@ def run_trial(cfg: DictConfig, trial_dir: Path, trial: dict[str, Any]) -> TrialR
     trial = {**trial, "dir": str(trial_dir), "records": counts, "environment": git_state(),
              "started_at": datetime.now(UTC).isoformat(timespec="seconds")}
     plain = {**to_plain(cfg), "trial": trial}
-    try:
-        (trial_dir / CONFIG_FILE).write_text(json.dumps(plain, indent=2))
-    except OSError as exc:
-        raise results.RecordError(f"cannot write {trial_dir / CONFIG_FILE}: {exc.strerror or exc}; free space or "
-                                  "fix the folder, then run the same command again") from exc
+    results.write_config(trial_dir, plain)
 
     timeout_s = float(cfg.train.worker_timeout_s)
     preexec = runtime.limits(cfg.train.memory_limit_mb, then=cpu.preexec(cfg.cpu))
@@ -145,8 +139,7 @@ def _study_info(cfg: DictConfig, overrides: list[str]) -> dict[str, Any] | None:
     """The Optuna study and trial a sweeper assigned to this job, with the values of its searched keys."""
     if cfg.study.name is None:
         return None
-    values = {o.get_key_element(): o.value() for o in OverridesParser.create().parse_overrides(overrides)
-              if not o.is_sweep_override()}
+    values = overrides_.values(overrides)
     return {"name": cfg.study.name, "trial": cfg.study.trial,
             "params": {k: values.get(k) for k in cfg.study.params}}
 

@@ -28,9 +28,6 @@ from src import metrics as M
 from src import redact, results
 from src.results import TrialResult
 
-CONFIG_FILE = "trial_config.json"
-TRAIN_LOG = "train_log.jsonl"
-PREDICTIONS = "predictions.jsonl"
 ADAPTER_DIR = "adapter"
 
 log = logging.getLogger("paretune.worker")
@@ -145,12 +142,6 @@ def _quantized_base(cfg: DictConfig, cache_dir: Path, tdir: Path) -> Any:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-
-
 def run(t: Trial) -> None:
     # Each stage outside training and evaluation is timed: together they are the sweep's overhead.
     t0 = time.perf_counter()
@@ -197,7 +188,7 @@ def run(t: Trial) -> None:
     net = _attach_lora(net, cfg)
     t.data["trainable_params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
     t.timings["setup_s"] = time.perf_counter() - t0  # quantizing, attaching LoRA
-    with open(tdir / TRAIN_LOG, "w") as train_log:
+    with open(tdir / results.TRAIN_LOG, "w") as train_log:
         def on_log(row: dict[str, float]) -> None:
             train_log.write(json.dumps(row) + "\n")
             train_log.flush()
@@ -210,7 +201,7 @@ def run(t: Trial) -> None:
                 stats = hf_engine.train(net, tok, train_ex, cfg.train, tdir / ".hf_trainer", on_log)
             else:
                 stats = loop.train(net, train_ex, cfg.train, pad_id, on_log)
-    t.artifacts["train_log"] = TRAIN_LOG
+    t.artifacts["train_log"] = results.TRAIN_LOG
     t.data["stopped_by"] = stats.stopped_by
     t0 = time.perf_counter()
     net.save_pretrained(tdir / ADAPTER_DIR)
@@ -230,8 +221,8 @@ def run(t: Trial) -> None:
         scores, rows = score(net, t.timings)
     eval_s = time.perf_counter() - t0
     if rows:
-        _write_jsonl(tdir / PREDICTIONS, rows)
-        t.artifacts["predictions"] = PREDICTIONS
+        results.write_jsonl(tdir / results.PREDICTIONS, rows)
+        t.artifacts["predictions"] = results.PREDICTIONS
 
     # Worker wall time without the shared baseline: process start, load, train, eval, saving.
     total_s = time.perf_counter() - t.started - t.timings["baseline_s"]
@@ -272,7 +263,7 @@ def main(argv: list[str]) -> int:
     redact.guard_process(argv)  # the storage URL reaches the worker only through the environment
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="[worker %(asctime)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
-    t = Trial(OmegaConf.create(json.loads((tdir / CONFIG_FILE).read_text())), tdir)
+    t = Trial(OmegaConf.create(results.read_config(tdir)), tdir)
     try:
         run(t)
         result = t.record("completed")

@@ -9,7 +9,6 @@ path, status, metrics and overrides as user attrs.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import warnings
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.sweeper import Sweeper
@@ -26,6 +24,7 @@ from hydra.types import HydraContext, TaskFunction
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
+from src import overrides, results
 from src.redact import scrub, scrub_text
 from src.sweeper import report
 from src.sweeper import study as S
@@ -72,7 +71,7 @@ class StudySweeper(Sweeper):
             raise S.StudyError(f"hydra.sweeper.max_failure_rate: must be in [0, 1], got {self.max_failure_rate}")
         names, directions = self.objectives()
         overrides_in = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
-        parsed = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(overrides_in)
+        parsed = overrides.parse(overrides_in, self.hydra_context.config_loader)
         space = build(parsed)
         name = self.study_name or S.default_study_name(self.kind, sorted(overrides_in), names, directions)
         self.check_jobs(self.jobs_to_check(space), space)
@@ -180,8 +179,9 @@ class StudySweeper(Sweeper):
             # stale, so `retry_stale` can run them again.
             why = "interrupted (SIGINT)" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
             for (t, _), ovr in zip(batch, job_overrides, strict=True):
-                path = sweep_dir / str(t.number) / "result.json"
-                if _record_values(path, study.metric_names or [])[0] is not None:
+                path = sweep_dir / str(t.number) / results.RESULT_FILE
+                record, _ = results.load(path)
+                if record is not None and _record_values(record, study.metric_names or [])[0] is not None:
                     self._tell(study, t, path, None, ovr, outcome)
                 else:
                     S.fail_trial(study, t._trial_id, f"the sweep stopped: {why}", stale=True)  # noqa: SLF001
@@ -194,7 +194,7 @@ class StudySweeper(Sweeper):
             if ret.status == JobStatus.FAILED:
                 error = ret._return_value  # noqa: SLF001 - reading .return_value would re-raise it
                 failure = f"{type(error).__name__}: {error}".strip()
-            self._tell(study, trial, out_dir / "result.json", failure, ovr, outcome)
+            self._tell(study, trial, out_dir / results.RESULT_FILE, failure, ovr, outcome)
             leases.release(trial._trial_id)  # noqa: SLF001
         outcome.returns.append(returns)
         outcome.check(self.max_failure_rate)
@@ -203,12 +203,14 @@ class StudySweeper(Sweeper):
               overrides: list[str], outcome: _Outcome) -> None:
         """Tell the study what the trial's result.json says (or why there is none)."""
         names = study.metric_names or []
-        values, reason = (None, failure) if failure else _record_values(path, names)
+        record, why = (None, failure) if failure else results.load(path)
+        values, reason = (None, failure or f"no readable {path.name} ({why})") if record is None else \
+            _record_values(record, names)
         try:
             trial.set_user_attr(S.RESULT_PATH, str(path.resolve()))
             trial.set_user_attr(S.OVERRIDES, scrub([o for o in overrides if not o.startswith("study.")]))
             if values is not None:
-                record = json.loads(path.read_text())
+                assert record is not None
                 # all of them: a few dozen numbers, and analysis then needs nothing but the study
                 trial.set_user_attr(S.METRICS, {**record.get("metrics", {}), **record.get("gains", {})})
                 trial.set_user_attr(S.STATUS, "completed")
@@ -274,12 +276,8 @@ class _Outcome:
                            f"Completed trials are kept in the study; start the same command to resume.\n  {listed}")
 
 
-def _record_values(path: Path, names: list[str]) -> tuple[list[float] | None, str | None]:
+def _record_values(record: dict[str, Any], names: list[str]) -> tuple[list[float] | None, str | None]:
     """The objective values of a completed trial's record, or the reason it has none."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        return None, f"no readable {path.name} ({exc})"
     if record.get("status") != "completed":
         return None, (record.get("error") or {}).get("message") or f"status {record.get('status')}"
     objectives = record.get("objectives", {})
