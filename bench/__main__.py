@@ -89,11 +89,11 @@ def collect(sweep_dir: Path, gemm_gflops: float, sweep_wall_s: float) -> dict[st
     numbers = {e: [{k: v for k, v in row.items() if isinstance(v, float)} for row in rows]
                for e, rows in per_engine.items()}
     first = records[0][1]
-    train, model = first["config"]["train"], first["data"]["model"]
+    train, model = first["config"]["train"], first["run"]["model"]
     shape = {"model": model["name"], "n_params": model["n_params"],
-             "trainable_params": first["data"].get("trainable_params"),
+             "trainable_params": first["run"].get("trainable_params"),
              "batch_size": train["batch_size"], "max_seq_len": train["max_seq_len"], "max_steps": train["max_steps"],
-             "lora_r": first["config"]["lora"]["r"], "quant": first["data"].get("quant", {}).get("backend"),
+             "lora_r": first["config"]["lora"]["r"], "quant": first["run"].get("quant", {}).get("backend"),
              "dtype": first["config"]["cpu"]["dtype"], "threads": first["cpu"].get("torch_threads"),
              "allocator": first["cpu"].get("allocator")}
     return {"trials": trials, "summary": measure.summarize(numbers), "gap_s_per_trial": gap_s, "trial_shape": shape}

@@ -40,7 +40,7 @@ def trial_numbers(record: dict[str, Any], trial_dir: Path, gemm_gflops: float,
     """
     t, m = record["timings"], record["metrics"]
     tok_s = statistics.median(step_tokens_per_s(trial_dir))
-    n_params = int(record["data"]["model"]["n_params"])
+    n_params = int(record["run"]["model"]["n_params"])
     wall = float(t["trial_wall_s"]) - float(t.get("baseline_s", 0.0)) + gap_s
     work = float(t["train_s"]) + float(t["eval_s"])
     return {

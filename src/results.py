@@ -18,7 +18,7 @@ from typing import Any
 
 from src.redact import scrub
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: model, baseline, quant, trainable params, stop reason and eval model moved to `run`
 RESULT_FILE = "result.json"          # the record
 CONFIG_FILE = "trial_config.json"    # the resolved config, written by the parent, read by the worker
 TRAIN_LOG = "train_log.jsonl"        # one row per logged training step
@@ -39,7 +39,9 @@ class TrialResult:
     error: dict[str, str] | None = None   # type, message, traceback (failed trials)
     timings: dict[str, float] = field(default_factory=dict)      # phases in seconds
     cost_info: dict[str, Any] = field(default_factory=dict)      # energy_source, usd_per_hour
-    data: dict[str, Any] = field(default_factory=dict)           # split sizes, truncated, dropped
+    data: dict[str, Any] = field(default_factory=dict)           # splits: sizes, truncated, dropped
+    run: dict[str, Any] = field(default_factory=dict)            # model, baseline source, quant, trainable
+                                                                 # params, stopped_by, eval_model
     cpu: dict[str, Any] = field(default_factory=dict)            # read inside the worker
     environment: dict[str, Any] = field(default_factory=dict)    # versions, git commit, dirty flag
     artifacts: dict[str, str] = field(default_factory=dict)      # relative paths in the trial dir

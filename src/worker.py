@@ -17,6 +17,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,9 +45,19 @@ class Trial:
     gains: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     cost_info: dict[str, Any] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)       # the splits: sizes, truncated, dropped
+    run: dict[str, Any] = field(default_factory=dict)        # model facts, baseline source, quant, how it stopped
     cpu: dict[str, Any] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Time a stage into ``timings[<stage>_s]`` (also when it fails: the record shows how far it got)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[f"{stage}_s"] = time.perf_counter() - t0
 
     def record(self, status: str, error: dict[str, str] | None = None) -> TrialResult:
         plain: dict[str, Any] = OmegaConf.to_container(self.cfg, resolve=True)  # type: ignore[assignment]
@@ -63,7 +74,7 @@ class Trial:
         return TrialResult(
             status=status, trial=trial_info, config=plain, metrics=metrics, baseline=baseline,
             gains=gains, objectives=objectives, error=error, timings=self.timings,
-            cost_info=self.cost_info, data=self.data, cpu=self.cpu, environment=environment,
+            cost_info=self.cost_info, data=self.data, run=self.run, cpu=self.cpu, environment=environment,
             artifacts=self.artifacts, seed=plain["train"]["seed"])
 
 
@@ -83,17 +94,6 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
-
-
-def _apply_cpu(cfg: DictConfig) -> None:
-    import torch
-
-    from src import hw
-
-    # Set by the parent from cfg.cpu; a worker started by hand uses every usable core.
-    threads = int(os.environ.get("PARETUNE_THREADS") or hw.usable_cores())
-    torch.set_num_threads(threads)
-    torch.set_num_interop_threads(int(cfg.cpu.interop_threads))  # once per process, before parallel work
 
 
 def _precision(dtype: str) -> Any:
@@ -142,53 +142,107 @@ def _quantized_base(cfg: DictConfig, cache_dir: Path, tdir: Path) -> Any:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+@dataclass
+class Inputs:
+    """What every stage after loading works on: the tokenizer and the examples, as the model sees them."""
+    tok: Any
+    builder: Any
+    train_examples: list[Any]
+    eval_examples: list[Any]
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tok.pad_token_id)
+
+
 def run(t: Trial) -> None:
-    # Each stage outside training and evaluation is timed: together they are the sweep's overhead.
-    t0 = time.perf_counter()
-    from src import baseline, cost, cpu, data, evaluate, loop, model, quant
+    """The trial's stages in order; each one outside training and evaluation is timed, and together
+    they are the sweep's overhead."""
+    with t.timed("import"):
+        from src import cost
+    with t.timed("cpu_probe"):
+        _apply_cpu(t)
+    _seed(t.cfg.train.seed)
+    net, inputs = _load(t)
+    _untuned_baseline(t, net, inputs)
+    meter = cost.EnergyMeter.start()  # the trial's own cost starts here: the baseline is shared
+    _seed(t.cfg.train.seed)
+    with t.timed("setup"):  # quantizing, attaching LoRA
+        net = _trainable(t, net)
+    stats = _train(t, net, inputs)
+    with t.timed("save"):
+        net.save_pretrained(t.trial_dir / ADAPTER_DIR)
+        t.artifacts["adapter"] = ADAPTER_DIR
+    scores, eval_s = _evaluate(t, net, inputs)
+    _account(t, stats, scores, eval_s, meter)
 
-    t.timings["import_s"] = time.perf_counter() - t0
-    cfg, tdir = t.cfg, t.trial_dir
-    t0 = time.perf_counter()
-    _apply_cpu(cfg)
-    t.cpu = cpu.in_effect(cfg.cpu)
-    t.timings["cpu_probe_s"] = time.perf_counter() - t0
-    _seed(cfg.train.seed)
-    cache_dir = Path(cfg.paths.cache_dir)
 
-    t0 = time.perf_counter()
-    tok, net, t.data["model"] = model.load(cfg.model, cache_dir, cfg.train.seed)
-    t.timings["load_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    builder = data.PromptBuilder(tok, cfg.data.instruction, cfg.train.max_seq_len, str(cfg.data.truncation))
-    train_ex, eval_ex, t.data["splits"] = data.load_splits(cfg.data, builder, cfg.eval.num_examples,
-                                                           cfg.train.seed)
-    t.timings["data_s"] = time.perf_counter() - t0
-    pad_id, eos_id = int(tok.pad_token_id), builder.eos_id
+def _apply_cpu(t: Trial) -> None:
+    import torch
 
-    def score(m: Any, timings: dict[str, float] | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        return evaluate.evaluate(m, tok, eval_ex, cfg.eval, pad_id, eos_id, cfg.train.batch_size, timings)
+    from src import cpu, hw
 
-    t.baseline, info = baseline.get_or_compute(cache_dir, cfg, data.split_paths(cfg.data)["eval"],
-                                               lambda: score(net)[0])
+    # Set by the parent from cfg.cpu; a worker started by hand uses every usable core.
+    threads = int(os.environ.get("PARETUNE_THREADS") or hw.usable_cores())
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(int(t.cfg.cpu.interop_threads))  # once per process, before parallel work
+    t.cpu = cpu.in_effect(t.cfg.cpu)
+
+
+def _load(t: Trial) -> tuple[Any, Inputs]:
+    from src import data, model
+
+    cfg = t.cfg
+    with t.timed("load"):
+        tok, net, t.run["model"] = model.load(cfg.model, Path(cfg.paths.cache_dir), cfg.train.seed)
+    with t.timed("data"):
+        builder = data.PromptBuilder(tok, cfg.data.instruction, cfg.train.max_seq_len, str(cfg.data.truncation))
+        train_ex, eval_ex, t.data["splits"] = data.load_splits(cfg.data, builder, cfg.eval.num_examples,
+                                                               cfg.train.seed)
+    return net, Inputs(tok, builder, train_ex, eval_ex)
+
+
+def _score(t: Trial, net: Any, inputs: Inputs, timings: dict[str, float] | None = None,
+           ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    from src import evaluate
+
+    cfg = t.cfg
+    return evaluate.evaluate(net, inputs.tok, inputs.eval_examples, cfg.eval, inputs.pad_id, inputs.builder.eos_id,
+                             cfg.train.batch_size, timings)
+
+
+def _untuned_baseline(t: Trial, net: Any, inputs: Inputs) -> None:
+    from src import baseline, data
+
+    cfg = t.cfg
+    t.baseline, info = baseline.get_or_compute(Path(cfg.paths.cache_dir), cfg, data.split_paths(cfg.data)["eval"],
+                                               lambda: _score(t, net, inputs)[0])
     t.timings["baseline_s"] = info["seconds"]
-    t.data["baseline"] = {"cached": info["cached"], "key": info["key"]}
+    t.run["baseline"] = {"cached": info["cached"], "key": info["key"]}
 
-    # The trial's own cost is measured from here: the untuned baseline is shared by every trial.
-    meter = cost.EnergyMeter.start()
-    _seed(cfg.train.seed)
-    t0 = time.perf_counter()
+
+def _trainable(t: Trial, net: Any) -> Any:
+    """The model training starts from: the base (quantized when asked) with LoRA attached."""
+    from src import quant
+
+    cfg = t.cfg
     if quant.active(cfg.quant):
         del net  # free the fp32 model before its quantized twin loads: both at once would inflate the peak
         gc.collect()
-        net = _quantized_base(cfg, cache_dir, tdir)
-        t.data["quant"] = quant.describe(cfg.quant, net)
+        net = _quantized_base(cfg, Path(cfg.paths.cache_dir), t.trial_dir)
+        t.run["quant"] = quant.describe(cfg.quant, net)
     else:
-        t.data["quant"] = {"backend": "none", "bits": 32}
+        t.run["quant"] = {"backend": "none", "bits": 32}
     net = _attach_lora(net, cfg)
-    t.data["trainable_params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    t.timings["setup_s"] = time.perf_counter() - t0  # quantizing, attaching LoRA
-    with open(tdir / results.TRAIN_LOG, "w") as train_log:
+    t.run["trainable_params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    return net
+
+
+def _train(t: Trial, net: Any, inputs: Inputs) -> Any:
+    from src import loop
+
+    cfg = t.cfg
+    with open(t.trial_dir / results.TRAIN_LOG, "w") as train_log:
         def on_log(row: dict[str, float]) -> None:
             train_log.write(json.dumps(row) + "\n")
             train_log.flush()
@@ -198,41 +252,50 @@ def run(t: Trial) -> None:
             if str(cfg.train.engine) == "hf_trainer":
                 from src import hf_engine
 
-                stats = hf_engine.train(net, tok, train_ex, cfg.train, tdir / ".hf_trainer", on_log)
+                stats = hf_engine.train(net, inputs.tok, inputs.train_examples, cfg.train,
+                                        t.trial_dir / ".hf_trainer", on_log)
             else:
-                stats = loop.train(net, train_ex, cfg.train, pad_id, on_log)
+                stats = loop.train(net, inputs.train_examples, cfg.train, inputs.pad_id, on_log)
     t.artifacts["train_log"] = results.TRAIN_LOG
-    t.data["stopped_by"] = stats.stopped_by
-    t0 = time.perf_counter()
-    net.save_pretrained(tdir / ADAPTER_DIR)
-    t.timings["save_s"] = time.perf_counter() - t0
-    t.artifacts["adapter"] = ADAPTER_DIR
+    t.run["stopped_by"] = stats.stopped_by
+    return stats
 
+
+def _evaluate(t: Trial, net: Any, inputs: Inputs) -> tuple[dict[str, float], float]:
+    """Scores of the model as it would be deployed: the adapter merged into (or kept beside) the base."""
+    from src import quant
+
+    cfg = t.cfg
     t0 = time.perf_counter()
     merge = cfg.eval.merge_adapter and quant.can_merge(cfg.quant)
     if merge:
         net = net.merge_and_unload()
-    # How it would be deployed: the adapter merged into (or kept beside) the base, quantized or not.
-    base = "fp32 base" if not quant.active(cfg.quant) else f"{t.data['quant']['quant_type']} base"
-    t.data["eval_model"] = ("merged into " if merge else "adapter on ") + base
+    base = "fp32 base" if not quant.active(cfg.quant) else f"{t.run['quant']['quant_type']} base"
+    t.run["eval_model"] = ("merged into " if merge else "adapter on ") + base
     if cfg.eval.merge_adapter and not merge:
-        t.data["eval_model"] += f" ({t.data['quant']['backend']} cannot merge LoRA into its layers)"
+        t.run["eval_model"] += f" ({t.run['quant']['backend']} cannot merge LoRA into its layers)"
     with _precision(cfg.cpu.dtype):  # evaluated in the precision it was trained and would be served in
-        scores, rows = score(net, t.timings)
+        scores, rows = _score(t, net, inputs, t.timings)
     eval_s = time.perf_counter() - t0
     if rows:
-        results.write_jsonl(tdir / results.PREDICTIONS, rows)
+        results.write_jsonl(t.trial_dir / results.PREDICTIONS, rows)
         t.artifacts["predictions"] = results.PREDICTIONS
+    return scores, eval_s
+
+
+def _account(t: Trial, stats: Any, scores: dict[str, float], eval_s: float, meter: Any) -> None:
+    """The trial's metrics and what it cost."""
+    from src import baseline, cost
 
     # Worker wall time without the shared baseline: process start, load, train, eval, saving.
     total_s = time.perf_counter() - t.started - t.timings["baseline_s"]
-    money, t.cost_info = cost.price(total_s, meter.stop_wh(), cfg.cost)
+    money, t.cost_info = cost.price(total_s, meter.stop_wh(), t.cfg.cost)
     t.metrics = {
         M.TRAIN_LOSS: stats.final_loss, M.TRAIN_TOKENS_PER_S: stats.tokens_per_s,
         M.TRAIN_STEPS: float(stats.steps), M.TRAIN_TOKENS: float(stats.tokens),
         **scores,
         M.COST_TRAIN_S: stats.train_s, M.COST_EVAL_S: eval_s, M.COST_TOTAL_S: total_s,
-        M.COST_PEAK_RSS_MB: cost.peak_rss_mb(), M.COST_ADAPTER_MB: cost.dir_size_mb(tdir / ADAPTER_DIR),
+        M.COST_PEAK_RSS_MB: cost.peak_rss_mb(), M.COST_ADAPTER_MB: cost.dir_size_mb(t.trial_dir / ADAPTER_DIR),
         **money,
     }
     t.gains = baseline.gains(t.metrics, t.baseline)

@@ -69,10 +69,10 @@ def test_each_backend_trains_lora_on_the_tiny_model(tmp_path, held_out_root, cac
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((tmp_path / "run" / "result.json").read_text())
     assert record["status"] == "completed", record.get("error")
-    facts = record["data"]["quant"]
+    facts = record["run"]["quant"]
     assert facts["backend"] == name.split("_")[0]
     assert facts["quantized_layers"][layer] == 2 * 7  # 2 layers x 7 projections
-    assert record["data"]["eval_model"] == f"merged into {facts['quant_type']} base"
+    assert record["run"]["eval_model"] == f"merged into {facts['quant_type']} base"
     log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["train/loss"] < log[0]["train/loss"] - 0.5, [x["train/loss"] for x in log]
     assert record["gains"]["gain/loss"] < -0.5  # held-out loss fell too: what it learnt carries over
@@ -106,10 +106,10 @@ def test_ipex_sym_int4_trains_lora_in_its_own_environment(tmp_path, held_out_roo
     # It ran in the other interpreter: transformers 4.x with ipex-llm, not this environment's stack.
     packages = record["environment"]["packages"]
     assert "ipex-llm" in packages and packages["transformers"].startswith("4."), packages
-    facts = record["data"]["quant"]
+    facts = record["run"]["quant"]
     assert facts == {"backend": "ipex", "bits": 4, "quant_type": "sym_int4", "double_quant": False,
                      "quantized_layers": {"LowBitLinear": 2 * 7}}
-    assert record["data"]["eval_model"].startswith("adapter on sym_int4 base")  # ipex-llm cannot merge
+    assert record["run"]["eval_model"].startswith("adapter on sym_int4 base")  # ipex-llm cannot merge
     log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     first, last = log[0]["train/loss"], sum(x["train/loss"] for x in log[-3:]) / 3
     assert last < first - 0.5, [x["train/loss"] for x in log]

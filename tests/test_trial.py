@@ -63,10 +63,10 @@ def test_sweep_records_one_complete_result_per_trial(wandb_sweep):
         assert len((tdir / "predictions.jsonl").read_text().splitlines()) == 2
         assert len((tdir / "train_log.jsonl").read_text().splitlines()) == 3
     # the untuned baseline was scored at most once for both trials
-    assert records[1].data["baseline"]["cached"] is True
+    assert records[1].run["baseline"]["cached"] is True
     assert records[0].baseline == records[1].baseline
     # a bigger rank trains more parameters and saves a bigger adapter
-    assert records[1].data["trainable_params"] == 2 * records[0].data["trainable_params"]
+    assert records[1].run["trainable_params"] == 2 * records[0].run["trainable_params"]
     assert records[1].metrics[M.COST_ADAPTER_MB] > records[0].metrics[M.COST_ADAPTER_MB]
 
 
@@ -252,6 +252,6 @@ def test_any_local_hf_model_and_jsonl_data_with_own_field_names(tmp_path, data_r
     assert proc.returncode == 0, proc.stderr[-3000:]
     (r,) = _records(sweep_dir)
     assert r.status == "completed", r.error
-    assert r.data["model"]["origin"] == str(model_dir)
+    assert r.run["model"]["origin"] == str(model_dir)
     assert r.metrics[M.TRAIN_STEPS] == 2  # 6 examples, batch 2, 2 micro-batches a step: 1.5 -> 2
     assert r.data["splits"]["train"]["records"] == 6
