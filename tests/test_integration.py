@@ -26,9 +26,11 @@ def test_smollm2_trains_and_evaluates_on_mts_dialog(tmp_path, cache_dir):
     assert r.run["model"]["n_params"] == 134_515_008  # SmolLM2-135M, tied embeddings
     assert r.data["splits"]["train"]["records"] == 1201
     assert 0 < r.metrics["train/loss"] < 6 and 0 < r.metrics["eval/loss"] < 6
-    # fine-tuning helped: the held-out (validation) loss is below the untuned model's on the same examples
-    assert r.metrics["eval/loss"] < r.baseline["baseline/loss"], (r.metrics["eval/loss"], r.baseline)
+    # Fine-tuning helped: the held-out (validation) loss is below the untuned model's on the same examples,
+    # by a margin (measured: 2.95 against 3.09), so an adapter that changed nothing, scored at the
+    # baseline up to rounding, fails. Training is deterministic: the same run gives the same loss.
     assert r.gains["gain/loss"] == pytest.approx(r.metrics["eval/loss"] - r.baseline["baseline/loss"])
+    assert r.gains["gain/loss"] < -0.05, (r.metrics["eval/loss"], r.baseline)
     assert r.metrics["train/tokens_per_s"] > 0 and r.metrics["eval/bertscore_f1"] > 0
     predictions = [json.loads(x) for x in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 2 and all(p["prediction"] for p in predictions)  # real text, not empty
