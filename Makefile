@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 # PNG figures, and the test that opens the HTML report in a browser).
 SYSTEM_PKGS := postgresql libgoogle-perftools4 libjemalloc2 chromium
 
-.PHONY: setup ipex-venv system-deps sweep test lint clean-cache
+.PHONY: setup ipex-venv system-deps sweep test test-fast lint clean-cache
 
 setup: $(STAMP) system-deps
 
@@ -61,6 +61,11 @@ data: setup
 # (the ipex-llm environment included, so it is built first).
 test: setup ipex-venv
 	PARETUNE_REQUIRE_SYSTEM=1 $(PY) -m pytest -q
+
+# The unit tests only: no test that starts a process (trial, sweep, CLI, Chromium, PostgreSQL: marked
+# slow by tests/tiers.py) and no real model. For the edit-test loop; `make test` is what CI runs.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not integration"
 
 lint: setup
 	$(PY) -m ruff check src analysis bench hydra_plugins tests

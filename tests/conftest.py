@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from src.config import PROJECT_ROOT, register_configs
 from tests.system import Postgres, postgres
+from tests.tiers import mark_slow
 
 CONF = PROJECT_ROOT / "conf"
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -130,3 +131,8 @@ def pg() -> Iterator[Postgres]:
             yield server
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that start processes are marked `slow` (tests/tiers.py says how they are found)."""
+    mark_slow(items)
