@@ -27,7 +27,7 @@ from src.redact import url_password
 STORAGE_ENV = "PARETUNE_STUDY_STORAGE"
 REPORTS_ENV = "PARETUNE_REPORTS_DIR"   # where reports go when --out is not given (default: reports/)
 DEFAULT_STORAGE = os.environ.get(STORAGE_ENV, str(PROJECT_ROOT / "studies" / "paretune.journal"))
-_SCHEMES = ("postgresql", "sqlite", "mysql")
+_SCHEMES = ("postgresql", "sqlite")  # what the sweepers accept (src.sweeper.study.open_storage)
 T = TypeVar("T")
 
 

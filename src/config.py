@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from src import cpu, quant
 from src import metrics as M
@@ -431,6 +431,10 @@ def _unknown_keys(node: DictConfig, prefix: str, errors: list[str]) -> None:
         child = node._get_node(key)  # noqa: SLF001 - the node, without resolving interpolations
         if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():  # noqa: SLF001
             _unknown_keys(child, f"{name}.", errors)
+        elif isinstance(child, ListConfig) and not child._is_none() and not child._is_missing():  # noqa: SLF001
+            for i, item in enumerate(child):  # e.g. +objectives.0.weight=2
+                if isinstance(item, DictConfig):
+                    _unknown_keys(item, f"{name}.{i}.", errors)
 
 
 def validate(cfg: DictConfig) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,20 +78,44 @@ def _sentences(text: str) -> str:
     return "\n".join(s for s in _SENTENCE_END.split(text.strip()) if s)
 
 
-# Scripts written without spaces between words: each character is a token (as ROUGE for Chinese and
-# Japanese is usually computed). Han, kana, Thai, Lao, Myanmar, Khmer.
-_UNSPACED = re.compile("([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-                       "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff])")
-_WORD = re.compile(r"[^\W_]+")  # a run of Unicode letters and digits
+# Scripts written without spaces between words: each character (with its combining marks) is a token,
+# as ROUGE for Chinese and Japanese is usually computed. Han, kana, Thai, Lao, Myanmar, Khmer.
+_UNSPACED = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+                       "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff]")
+
+
+def unicode_words(text: str) -> list[str]:
+    """Words of ``text``: runs of letters and digits (Unicode categories L and N) with their combining
+    marks (M: Devanagari vowel signs, Arabic and Hebrew vowel points stay inside their word), after NFKC
+    (ligatures and full-width forms become plain letters); unspaced scripts give one token a character."""
+    words: list[str] = []
+    word, alone = "", False
+    for ch in unicodedata.normalize("NFKC", text).lower():
+        kind = unicodedata.category(ch)[0]
+        if kind == "M":
+            word += ch if word else ""
+        elif kind in "LN":
+            if alone or (word and _UNSPACED.match(ch)):
+                words.append(word)
+                word = ""
+            word += ch
+            alone = bool(_UNSPACED.match(ch))
+        else:
+            if word:
+                words.append(word)
+            word, alone = "", False
+    if word:
+        words.append(word)
+    return words
 
 
 class UnicodeTokenizer:
     """rouge-score's tokenizer for every script.
 
     rouge-score's default keeps only a-z and 0-9, so a Chinese, Russian or Arabic summary has no tokens
-    and scores 0 even when it equals its reference. This one keeps Unicode letters and digits, splits
-    unspaced scripts into characters, and Porter-stems ASCII words longer than 3 letters as the
-    default does, so ASCII text gets exactly the default's tokens (and scores)."""
+    and scores 0 even when it equals its reference. This one takes ``unicode_words`` and Porter-stems
+    ASCII words longer than 3 letters as the default does, so ASCII text gets exactly the default's
+    tokens (and scores)."""
 
     def __init__(self) -> None:
         from rouge_score import tokenizers
@@ -98,8 +123,7 @@ class UnicodeTokenizer:
         self._stem = tokenizers.DefaultTokenizer(use_stemmer=True)._stemmer.stem  # noqa: SLF001 - same stemmer
 
     def tokenize(self, text: str) -> list[str]:
-        words = _WORD.findall(_UNSPACED.sub(r" \1 ", text.lower()))
-        return [self._stem(w) if len(w) > 3 and w.isascii() else w for w in words]
+        return [self._stem(w) if len(w) > 3 and w.isascii() else w for w in unicode_words(text)]
 
 
 def rouge(predictions: list[str], references: list[str]) -> tuple[dict[str, float], list[float]]:

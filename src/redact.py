@@ -6,8 +6,11 @@ driver's message, a Hydra grammar error quoting the override), so there are thre
 - ``mask_url`` / ``scrub_text``: the password of every ``scheme://user:password@host`` URL, read the way
   SQLAlchemy reads it (everything between ``user:`` and the ``@`` before the host), so passwords with
   ``/``, ``:``, ``#`` or ``%`` are masked too; a ``password=`` query parameter as well.
-- ``remember``: the passwords of the storage URLs this process was given (as typed, percent-decoded and
-  percent-encoded) are replaced wherever they appear, even outside a URL.
+- ``remember``: the passwords of the storage URLs this process was given, as SQLAlchemy parses them
+  (so spaces and quotes too), as typed, percent-decoded and percent-encoded. In printed text (stdout,
+  stderr, logs) they are replaced wherever they appear, with the pieces a driver may quote as a host;
+  in records and configs only inside strings that hold a URL, so a config value that happens to
+  contain the same letters (a cache path, a package name) is never changed.
 - ``guard_process``: stdout, stderr and every log record go through ``scrub_text``, so neither Hydra's
   own error messages nor a library's log line can print a password.
 
@@ -36,7 +39,8 @@ _MIN_REMEMBERED = 6
 _URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][\w+.-]*://[^\s:/@'\"]*:)(?P<password>[^\s'\"]*)(?=@)")
 _QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)(?P<password>[^&\s'\"]+)", re.IGNORECASE)
 
-_secrets: set[str] = set()
+_secrets: set[str] = set()   # whole passwords, in every form: replaced in any text
+_pieces: set[str] = set()    # pieces of them between "@", ":" and "/": replaced in printed text only
 
 
 def url_password(url: str) -> str | None:
@@ -45,47 +49,100 @@ def url_password(url: str) -> str | None:
     return m.group("password") if m else None
 
 
+def _sqlalchemy_password(value: str) -> str | None:
+    """The password SQLAlchemy would send for ``value`` (a storage URL, maybe in Hydra's quotes)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        value = value[1:-1]
+    try:
+        password = make_url(value).password
+    except (ArgumentError, ValueError):
+        return None
+    return None if password is None else str(password)
+
+
 def remember(text: str | None) -> None:
-    """Treat the passwords of every URL in ``text`` as secrets of this process (and its log and files)."""
-    if not text:
+    """Treat the passwords of every URL in ``text`` (a command-line argument, an environment value, a
+    storage setting) as secrets of this process."""
+    if not text or "://" not in text:
         return
     found = [m.group("password") for m in _URL_PASSWORD.finditer(text)]
     found += [m.group("password") for m in _QUERY_PASSWORD.finditer(text)]
+    # The value as a whole (after "key=" when it is an override): SQLAlchemy's own reading, which the
+    # pattern cannot follow when a password holds a space or a quote.
+    for value in {text, text.split("=", 1)[-1]}:
+        parsed = _sqlalchemy_password(value) if "://" in value else None
+        if parsed:
+            found.append(parsed)
     for typed in found:
         forms = {typed, unquote(typed), quote(unquote(typed), safe="")}
-        # A raw "@", ":" or "/" makes drivers split the password and quote a piece as a host or port.
-        forms |= {piece for form in list(forms) for piece in re.split(r"[@:/]", form)}
         _secrets.update(form for form in forms if len(form) >= _MIN_REMEMBERED)
+        # A raw "@", ":" or "/" makes drivers split the password and quote a piece as a host or port.
+        _pieces.update(piece for form in forms for piece in re.split(r"[@:/\s]", form)
+                       if len(piece) >= _MIN_REMEMBERED)
 
 
-def scrub_text(text: str) -> str:
-    """``text`` with every URL password and every remembered secret replaced by ***."""
-    if not text:
-        return text
-    text = _URL_PASSWORD.sub(r"\g<head>" + MASK, text)
-    text = _QUERY_PASSWORD.sub(r"\g<head>" + MASK, text)
-    for secret in sorted(_secrets, key=len, reverse=True):  # longest first: one may contain another
+def forget() -> None:
+    """Drop every remembered secret (for tests)."""
+    _secrets.clear()
+    _pieces.clear()
+
+
+def _replace_all(text: str, secrets: set[str]) -> str:
+    for secret in sorted(secrets, key=len, reverse=True):  # longest first: one may contain another
         if secret in text:
             text = text.replace(secret, MASK)
     return text
+
+
+def scrub_text(text: str) -> str:
+    """Printed text (a log line, stderr) with every URL password, every remembered password and every
+    piece of one replaced by ***."""
+    if not text:
+        return text
+    text = _replace_all(text, _secrets)
+    text = _URL_PASSWORD.sub(r"\g<head>" + MASK, text)
+    text = _QUERY_PASSWORD.sub(r"\g<head>" + MASK, text)
+    return _replace_all(text, _pieces)
+
+
+def _scrub_value(text: str) -> str:
+    """A string of a record or config: only one that holds a URL is changed (its password masked)."""
+    if "://" not in text:
+        return text
+    # A remembered password where a URL holds it (after "user:", before "@"), even with a space or a
+    # quote the pattern below stops at; the user, host and database keep their names.
+    for secret in sorted(_secrets, key=len, reverse=True):
+        text = text.replace(f":{secret}@", f":{MASK}@").replace(f"password={secret}", f"password={MASK}")
+    text = _URL_PASSWORD.sub(r"\g<head>" + MASK, text)
+    return _QUERY_PASSWORD.sub(r"\g<head>" + MASK, text)
 
 
 def mask_url(url: str | None) -> str | None:
     """A URL safe to print or write: the password replaced by ***."""
     if not url or "://" not in url:
         return url
-    return scrub_text(url)
+    return _scrub_value(url)
 
 
 def scrub(obj: Any) -> Any:
-    """``obj`` (JSON-like: dicts, lists, strings) with every string scrubbed; other values unchanged."""
+    """``obj`` (JSON-like: dicts, lists, strings) with the password of every URL it holds masked;
+    strings without a URL and other values are unchanged."""
     if isinstance(obj, str):
-        return scrub_text(obj)
+        return _scrub_value(obj)
     if isinstance(obj, dict):
         return {scrub(k): scrub(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return type(obj)(scrub(v) for v in obj)
     return obj
+
+
+def scrub_lines(text: str) -> str:
+    """A file's text (a YAML dump) with the URL passwords of its lines masked, other lines as they were."""
+    return "\n".join(_scrub_value(line) for line in text.split("\n"))
 
 
 def scrub_files(folder: Path, pattern: str = "*.yaml") -> list[Path]:
@@ -94,7 +151,7 @@ def scrub_files(folder: Path, pattern: str = "*.yaml") -> list[Path]:
     changed = []
     for path in sorted(folder.glob(pattern)):
         text = path.read_text()
-        clean = scrub_text(text)
+        clean = scrub_lines(text)
         if clean != text:
             path.write_text(clean)
             changed.append(path)

@@ -26,7 +26,8 @@ from src import cpu, results
 from src.paths import PROJECT_ROOT
 
 # Never handed to the worker: it needs no credentials, and a crash dump must not contain them.
-_SECRET_ENV = ("WANDB_API_KEY",)
+# The worker needs neither: the W&B key, and the study storage URL (which may carry a password).
+_SECRET_ENV = ("WANDB_API_KEY", "PARETUNE_STUDY_STORAGE")
 
 
 def worker_env(cfg: Any, base: dict[str, str] | None = None) -> dict[str, str]:

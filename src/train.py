@@ -17,7 +17,7 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from src import cpu, data, privacy, quant, redact, results, runtime, tracking
@@ -46,6 +46,11 @@ def git_state(root: Path = PROJECT_ROOT) -> dict[str, Any]:
 def preflight(cfg: DictConfig) -> dict[str, int]:
     """Every check that is cheap, before a worker starts: schema rules, then the data files."""
     try:
+        for key in cfg.keys():  # every interpolation, also of keys no rule reads (Hydra's own node aside)
+            if key != "hydra":
+                value = cfg[key]
+                if isinstance(value, DictConfig | ListConfig):
+                    OmegaConf.to_container(value, resolve=True)
         validate(cfg)
         return data.check_files(cfg.data, cfg.eval.num_examples)
     except OmegaConfBaseException as exc:  # e.g. train.lr='${nope.x}': an interpolation that cannot resolve
@@ -166,7 +171,11 @@ register_configs()
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> list[float] | None:
     """Run one trial; return its objectives in declared order, or None when it did not complete."""
-    trial_dir, info = trial_identity(cfg)
+    try:
+        trial_dir, info = trial_identity(cfg)
+    except OmegaConfBaseException as exc:  # study.name='${nope}': nothing has started, not even a record
+        log.error("%s: %s; fix the value", getattr(exc, "full_key", None) or "a value", str(exc).splitlines()[0])
+        sys.exit(EXIT_BAD_INPUT)
     # Hydra has already dumped the command line into .hydra/: a storage URL's password must not stay there.
     redact.scrub_files(trial_dir / ".hydra")
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -180,7 +189,10 @@ def main(cfg: DictConfig) -> list[float] | None:
     except KeyboardInterrupt:
         if multirun:
             raise  # the sweeper fails the trial as stale and stops
-        log.error("interrupted: the trial is recorded as failed in %s", trial_dir / results.RESULT_FILE)
+        record, _ = results.load(trial_dir / results.RESULT_FILE)
+        status = (record or {}).get("status")
+        log.error("interrupted: %s", f"the trial is recorded as {status} in {trial_dir / results.RESULT_FILE}"
+                  if status else "before the trial started; nothing was recorded")
         sys.exit(EXIT_INTERRUPTED)
     if result.status != "completed":
         if not multirun:

@@ -158,8 +158,8 @@ class Inputs:
 def run(t: Trial) -> None:
     """The trial's stages in order; each one outside training and evaluation is timed, and together
     they are the sweep's overhead."""
-    with t.timed("import"):
-        from src import cost
+    with t.timed("import"):  # torch, transformers, peft and the metrics, through the stages' modules
+        from src import baseline, cost, cpu, data, evaluate, loop, model, quant  # noqa: F401
     with t.timed("cpu_probe"):
         _apply_cpu(t)
     _seed(t.cfg.train.seed)

@@ -126,6 +126,9 @@ CONFIG_CASES = {
     "interpolation to nothing": (["train.lr=${nope.x}"], ["train.lr: Interpolation key 'nope.x' not found",
                                                           "fix the value"]),
     "objective not measured": (["eval.metrics=[loss]"], ["'eval/rougeL' is not measured with eval.metrics=['loss']"]),
+    "interpolation in a key no rule reads": (["logger.project=${nope.x}"],
+                                             ["logger.project: Interpolation key 'nope.x' not found"]),
+    "added key inside a list": (["+objectives.0.weight=2"], ["objectives.0.weight: not a setting of objectives.0"]),
 }
 
 

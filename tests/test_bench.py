@@ -24,7 +24,7 @@ def _trial(tmp_path: Path, name: str, step_rates: list[float], **timings: float)
     record = {"timings": {"trial_wall_s": 100.0, "baseline_s": 20.0, "train_s": 60.0, "eval_s": 12.0,
                           "eval_gen_s": 8.0, **timings},
               "metrics": {M.COST_PEAK_RSS_MB: 3000.0, M.EVAL_GEN_TOKENS_PER_S: 40.0},
-              "data": {"model": {"n_params": 100_000_000}}}
+              "run": {"model": {"n_params": 100_000_000}}}
     return record, d
 
 

@@ -60,7 +60,8 @@ def test_workers_in_different_folders_are_serialised_by_the_postgresql_advisory_
         deadline = time.monotonic() + 120
         waiting = 0
         while time.monotonic() < deadline and waiting < 2:
-            waiting = int(pg.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"))
+            waiting = int(pg.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                                  f"AND classid = 0 AND objid = {S.ask_lock_key(name)}"))
             time.sleep(0.3)
         assert waiting == 2, [w.poll() for w in workers]
         time.sleep(2)  # had anything else serialised them, a trial would be asked meanwhile
@@ -77,8 +78,8 @@ def test_workers_in_different_folders_are_serialised_by_the_postgresql_advisory_
 
 
 # ---- 2. passwords --------------------------------------------------------------------------------
-PASSWORD = "Kanary1/Pword22#Secret3@Retain4:Keyed5%Finale6"
-PIECES = ["Kanary1", "Pword22", "Secret3", "Retain4", "Keyed5", "Finale6"]
+PASSWORD = 'Kanary1/Pword22#Secret3@Retain4:Keyed5%Finale6 Spaced7"Quoted8'
+PIECES = ["Kanary1", "Pword22", "Secret3", "Retain4", "Keyed5", "Finale6", "Spaced7", "Quoted8"]
 
 
 def _url(pg, db: str = "kanarydb", port: int | None = None) -> str:
@@ -157,7 +158,14 @@ def test_mask_url_masks_what_sqlalchemy_reads_as_the_password(url, masked):
     assert redact.mask_url(url) == masked
 
 
-def test_a_remembered_password_is_masked_outside_a_url_too():
+@pytest.fixture
+def no_secrets():
+    redact.forget()
+    yield
+    redact.forget()
+
+
+def test_a_remembered_password_is_masked_outside_a_url_too(no_secrets):
     redact.remember("postgresql://u:Zq%2Fsecret-9@h/db")
     assert redact.scrub_text("auth failed for Zq/secret-9 and Zq%2Fsecret-9") == "auth failed for *** and ***"
     # A raw "@" makes the driver read the password's tail as the host, and quote it in its error.
@@ -302,11 +310,22 @@ def _cmdline(proc_dir: Path) -> str:
     "Пациент жалуется на боль в колене.",   # Russian
     "المريض يشكو من ألم في الركبة",          # Arabic
     "Ο ασθενής έχει πόνο στο γόνατο.",       # Greek
+    "रोगी के घुटने में दर्द है।",               # Hindi: vowel signs stay inside their words
 ])
 def test_rouge_scores_an_exact_summary_1_in_any_script(text):
     scores, per_example = rouge([text], [text])
     assert scores == {k: 1.0 for k in scores} and per_example == [1.0]
     assert rouge(["x y z"], [text])[0]["eval/rougeL"] == 0.0
+    # Half the text: partly right. (Bare consonants without their vowel signs would match in full.)
+    assert 0.0 < rouge([text[: len(text) // 2]], [text])[0]["eval/rouge1"] < 1.0
+
+
+def test_combining_marks_stay_inside_their_word():
+    from src.evaluate import unicode_words
+
+    assert unicode_words("हिन्दी भाषा") == ["हिन्दी", "भाषा"]
+    assert unicode_words("患者abc中") == ["患", "者", "abc", "中"]
+    assert unicode_words("ﬁnding x_y") == ["finding", "x", "y"]
 
 
 def test_rouge_on_english_is_what_rouge_score_itself_gives():
@@ -317,3 +336,23 @@ def test_rouge_on_english_is_what_rouge_score_itself_gives():
     ours = rouge(pred, ref)[0]["eval/rougeL"]
     theirs = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(ref[0], pred[0])["rougeL"].fmeasure
     assert ours == pytest.approx(theirs, abs=1e-12) and ours > 0
+
+
+def test_records_keep_config_values_that_share_letters_with_the_password(no_secrets):
+    """Printed text masks every piece of a password, but a record or config changes only strings that
+    hold a URL: the worker must run the config it was given."""
+    redact.remember("postgresql://optuna:optuna@localhost/optuna")
+    redact.remember("postgresql://u:hunter2/tcmalloc@h/db")
+    config = {"paths": {"cache_dir": "/home/u/optuna-runs/.cache", "study_storage":
+                        "postgresql://optuna:optuna@localhost/optuna"},
+              "cpu": {"allocator": "tcmalloc"}, "packages": {"optuna": "5.0.0"}}
+    assert redact.scrub(config) == {**config, "paths": {**config["paths"],
+                                                        "study_storage": "postgresql://optuna:***@localhost/optuna"}}
+    assert "tcmalloc" not in redact.scrub_text("auth failed: hunter2/tcmalloc")
+
+
+def test_a_password_with_a_space_or_a_quote_is_masked(no_secrets):
+    url = 'postgresql://u:pa ss"wo\'rd@h:5432/db'
+    redact.remember(f"hydra.sweeper.storage='{url}'")
+    assert redact.mask_url(url) == "postgresql://u:***@h:5432/db"
+    assert "pa ss" not in redact.scrub_text(f"cannot open {url}: refused")

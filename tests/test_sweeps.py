@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,13 +14,25 @@ from src import metrics as M
 from src.config import PROJECT_ROOT
 from src.sweeper.space import build, format_value
 from src.train import preflight
+from tests.conftest import write_jsonl
 
 STUDIES = sorted(p.stem for p in (PROJECT_ROOT / "conf/sweep").glob("*.yaml"))
 WANDB_SWEEPS = sorted((PROJECT_ROOT / "sweeps/wandb").glob("*.yaml"))
 
 
+@pytest.fixture(scope="module")
+def roomy_data(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
+    """The test data with as many eval records as MTS-Dialog's validation split (100), so the ready
+    studies' eval.num_examples fit (preflight refuses more examples than the eval file holds)."""
+    root = tmp_path_factory.mktemp("roomy")
+    (root / "train.jsonl").write_text((data_root / "train.jsonl").read_text())
+    rows = [json.loads(line) for line in (data_root / "validation.jsonl").read_text().splitlines()]
+    write_jsonl(root / "validation.jsonl", [{**rows[i % len(rows)], "id": f"val-{i}"} for i in range(100)])
+    return root
+
+
 @pytest.mark.parametrize("name", STUDIES)
-def test_each_ready_study_composes_and_every_extreme_passes_preflight(name, cfg_factory, data_root):
+def test_each_ready_study_composes_and_every_extreme_passes_preflight(name, cfg_factory, roomy_data):
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
         hydra_cfg = compose("train", overrides=[f"sweep={name}"], return_hydra_config=True).hydra
     sweeper = hydra_cfg.sweeper
@@ -34,7 +47,7 @@ def test_each_ready_study_composes_and_every_extreme_passes_preflight(name, cfg_
     if kind == "GridSweeper":
         space.grid()  # a grid must be finite
     for params_set in space.extremes():
-        cfg = cfg_factory(f"sweep={name}", *space.overrides(params_set))
+        cfg = cfg_factory(f"sweep={name}", *space.overrides(params_set), f"data.root={roomy_data}")
         preflight(cfg)
 
 
@@ -65,7 +78,7 @@ def _one_value(spec: dict) -> object:
 
 
 @pytest.mark.parametrize("path", WANDB_SWEEPS, ids=lambda p: p.stem)
-def test_wandb_sweep_file_expands_into_overrides_hydra_accepts(path: Path, cfg_factory):
+def test_wandb_sweep_file_expands_into_overrides_hydra_accepts(path: Path, cfg_factory, roomy_data):
     sweep = yaml.safe_load(path.read_text())
     assert sweep["metric"]["name"] in M.ALL
     params = {k: _one_value(v) for k, v in sweep["parameters"].items()}
@@ -73,7 +86,7 @@ def test_wandb_sweep_file_expands_into_overrides_hydra_accepts(path: Path, cfg_f
     assert command[:3] == ["python", "-m", "src.train"]
     overrides = command[3:]
     assert [o for o in overrides if o.split("=")[0] in params] == [f"{k}={format_value(v)}" for k, v in params.items()]
-    cfg = cfg_factory(*overrides)
+    cfg = cfg_factory(*overrides, f"data.root={roomy_data}")
     preflight(cfg)
     assert cfg.logger.mode.name == "online"
     for key, value in params.items():

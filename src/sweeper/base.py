@@ -25,7 +25,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from src import overrides, results
-from src.redact import scrub, scrub_text
+from src.redact import remember, scrub, scrub_lines, scrub_text
 from src.sweeper import report
 from src.sweeper import study as S
 from src.sweeper.space import SearchSpace, build
@@ -42,6 +42,7 @@ class StudySweeper(Sweeper):
                  retry_stale: bool = False, lease_s: float = 120.0, preflight: str | None = None) -> None:
         super().__init__()
         self.storage_spec = str(storage)
+        remember(self.storage_spec)  # a URL set in a config file, not on the command line
         self.study_name = study_name
         self.direction = direction
         self.n_jobs = int(n_jobs)
@@ -193,7 +194,7 @@ class StudySweeper(Sweeper):
             failure = None
             if ret.status == JobStatus.FAILED:
                 error = ret._return_value  # noqa: SLF001 - reading .return_value would re-raise it
-                failure = f"{type(error).__name__}: {error}".strip()
+                failure = scrub_text(f"{type(error).__name__}: {error}".strip())
             self._tell(study, trial, out_dir / results.RESULT_FILE, failure, ovr, outcome)
             leases.release(trial._trial_id)  # noqa: SLF001
         outcome.returns.append(returns)
@@ -218,7 +219,7 @@ class StudySweeper(Sweeper):
                 outcome.completed += 1
             else:
                 trial.set_user_attr(S.STATUS, "failed")
-                trial.set_user_attr(S.ERROR, reason)
+                trial.set_user_attr(S.ERROR, scrub_text(reason or ""))
                 tell(study, trial, state=optuna.trial.TrialState.FAIL)
                 outcome.failed.append((trial.number, reason or ""))
                 log.error("trial %d failed: %s", trial.number, reason)
@@ -236,7 +237,7 @@ class StudySweeper(Sweeper):
                 cfg["hydra"]["overrides"]["hydra"][i] = f"hydra.sweeper.storage={S.mask_url(self.storage_spec)}"
         cfg["study_name"] = study_name
         # Every override (paths.study_storage=postgresql://... among them) with its password masked.
-        (sweep_dir / "multirun.yaml").write_text(scrub_text(OmegaConf.to_yaml(OmegaConf.create(cfg))))
+        (sweep_dir / "multirun.yaml").write_text(scrub_lines(OmegaConf.to_yaml(OmegaConf.create(cfg))))
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, values: list[float] | None = None,

@@ -35,7 +35,7 @@ from optuna.distributions import (
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from src.redact import mask_url
+from src.redact import mask_url, scrub_text
 from src.sweeper import journal
 from src.sweeper.retry import TRANSIENT, RetryingRDBStorage, retrying
 
@@ -291,7 +291,7 @@ def fail_trial(study: optuna.Study, trial_id: int, reason: str, stale: bool = Fa
     """Mark a RUNNING trial failed with its reason; False if another process finished it first."""
     storage = study._storage  # noqa: SLF001 - ask/tell exposes no way to fail another process's trial
     try:
-        storage.set_trial_user_attr(trial_id, ERROR, reason)
+        storage.set_trial_user_attr(trial_id, ERROR, scrub_text(reason))
         storage.set_trial_user_attr(trial_id, STATUS, "failed")
         if stale:
             storage.set_trial_user_attr(trial_id, STALE, True)
