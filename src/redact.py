@@ -39,6 +39,9 @@ _MIN_REMEMBERED = 6
 _URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][\w+.-]*://[^\s:/@'\"]*:)(?P<password>[^\s'\"]*)(?=@)")
 _QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)(?P<password>[^&\s'\"]+)", re.IGNORECASE)
 
+# SQLAlchemy's own reading of user:password@ (sqlalchemy.engine.url._parse_url): up to the first "@".
+_SQLALCHEMY_USERINFO = re.compile(r"[\w+]+://[^:/@\s'\"]*:([^@]*)@")
+
 _secrets: set[str] = set()   # whole passwords, in every form: replaced in any text
 _pieces: set[str] = set()    # pieces of them between "@", ":" and "/": replaced in printed text only
 
@@ -71,6 +74,7 @@ def remember(text: str | None) -> None:
         return
     found = [m.group("password") for m in _URL_PASSWORD.finditer(text)]
     found += [m.group("password") for m in _QUERY_PASSWORD.finditer(text)]
+    found += _SQLALCHEMY_USERINFO.findall(text)  # as typed, spaces and quotes included
     # The value as a whole (after "key=" when it is an override): SQLAlchemy's own reading, which the
     # pattern cannot follow when a password holds a space or a quote.
     for value in {text, text.split("=", 1)[-1]}:
@@ -125,6 +129,7 @@ def mask_url(url: str | None) -> str | None:
     """A URL safe to print or write: the password replaced by ***."""
     if not url or "://" not in url:
         return url
+    remember(url)  # a storage URL: its password as SQLAlchemy reads it (a space or a quote included)
     return _scrub_value(url)
 
 
@@ -140,9 +145,17 @@ def scrub(obj: Any) -> Any:
     return obj
 
 
-def scrub_lines(text: str) -> str:
-    """A file's text (a YAML dump) with the URL passwords of its lines masked, other lines as they were."""
-    return "\n".join(_scrub_value(line) for line in text.split("\n"))
+def scrub_yaml(text: str) -> str:
+    """A YAML dump with the password of every URL it holds masked. Parsed, not read line by line: YAML
+    folds a long value (at a space in a password, say) over several lines."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return scrub_text(text)  # not YAML after all: mask every remembered piece, whatever else changes
+    clean = scrub(data)
+    return text if clean == data else yaml.safe_dump(clean, sort_keys=False, allow_unicode=True, width=1 << 16)
 
 
 def scrub_files(folder: Path, pattern: str = "*.yaml") -> list[Path]:
@@ -151,7 +164,7 @@ def scrub_files(folder: Path, pattern: str = "*.yaml") -> list[Path]:
     changed = []
     for path in sorted(folder.glob(pattern)):
         text = path.read_text()
-        clean = scrub_lines(text)
+        clean = scrub_yaml(text)
         if clean != text:
             path.write_text(clean)
             changed.append(path)

@@ -25,7 +25,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from src import overrides, results
-from src.redact import remember, scrub, scrub_lines, scrub_text
+from src.redact import remember, scrub, scrub_text
 from src.sweeper import report
 from src.sweeper import study as S
 from src.sweeper.space import SearchSpace, build
@@ -237,7 +237,7 @@ class StudySweeper(Sweeper):
                 cfg["hydra"]["overrides"]["hydra"][i] = f"hydra.sweeper.storage={S.mask_url(self.storage_spec)}"
         cfg["study_name"] = study_name
         # Every override (paths.study_storage=postgresql://... among them) with its password masked.
-        (sweep_dir / "multirun.yaml").write_text(scrub_lines(OmegaConf.to_yaml(OmegaConf.create(cfg))))
+        (sweep_dir / "multirun.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(scrub(cfg))))
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, values: list[float] | None = None,
