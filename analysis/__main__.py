@@ -18,16 +18,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import unquote
 
 from analysis import ratios
 from src.paths import PROJECT_ROOT
-from src.redact import url_password
+from src.redact import remember, scrub_text
 
 STORAGE_ENV = "PARETUNE_STUDY_STORAGE"
 REPORTS_ENV = "PARETUNE_REPORTS_DIR"   # where reports go when --out is not given (default: reports/)
 DEFAULT_STORAGE = os.environ.get(STORAGE_ENV, str(PROJECT_ROOT / "studies" / "paretune.journal"))
-_SCHEMES = ("postgresql", "sqlite")  # what the sweepers accept (src.sweeper.study.open_storage)
 T = TypeVar("T")
 
 
@@ -40,10 +38,12 @@ def check_storage(storage: str, flag: str = "--storage") -> str:
 
     Reading must never create anything: opening a journal path that does not exist would create an
     empty journal (and its folders), and a typo would then look like a storage with no studies."""
+    from src.sweeper.study import supported_scheme
+
     fix = f"give {flag} (or set {STORAGE_ENV}) the journal file or database URL the sweep recorded into"
     if "://" in storage:
         scheme = storage.split("://", 1)[0]  # only the scheme is quoted: the rest may hold a password
-        if scheme.split("+", 1)[0] not in _SCHEMES:
+        if not supported_scheme(storage):
             raise ValueError(f"{flag}: unsupported scheme '{scheme}://'; {fix}: a journal file path, "
                              "a postgresql:// URL or a sqlite:/// URL")
         database = storage.split(":///", 1)[1] if scheme.startswith("sqlite") and ":///" in storage else None
@@ -78,15 +78,9 @@ def default_out(name: str) -> Path:
 def _clean(text: str, args: argparse.Namespace) -> str:
     """An error message safe to print: URL passwords masked, and any piece of the given storages'
     passwords too (a driver that cannot parse a password with '/', '@' or ':' quotes a piece of it)."""
-    from analysis.trials import safe
-
-    text = safe(text)
     for storage in (getattr(args, "storage", None), getattr(args, "storage_b", None)):
-        password = url_password(storage or "")
-        for piece in {*re.split(r"[/#@:%?&=]+", password or ""), *re.split(r"[/#@:%?&=]+", unquote(password or ""))}:
-            if len(piece) >= 4:  # shorter pieces would mangle ordinary words; they identify nothing
-                text = text.replace(piece, "***")
-    return text
+        remember(storage)
+    return scrub_text(text)
 
 
 def _writing(out: Path, action: Callable[[], T]) -> T:

@@ -33,6 +33,9 @@ STORAGE_ENV = "PARETUNE_STUDY_STORAGE"
 # Shorter strings are not replaced outside URLs: a 3-letter password would mangle ordinary words,
 # and the URL pattern still masks it wherever it appears as a URL.
 _MIN_REMEMBERED = 6
+# Pieces of a password (see remember) are masked in printed text only, where a mangled word costs
+# nothing; four characters already identify a piece of a password.
+_MIN_PIECE = 4
 
 # scheme://user:password@ in a text. The password runs to the last "@" of the token (greedy), so a
 # raw "@" typed into it cannot leave its tail visible as a "host"; a token ends at whitespace or a quote.
@@ -44,12 +47,6 @@ _SQLALCHEMY_USERINFO = re.compile(r"[\w+]+://[^:/@\s'\"]*:([^@]*)@")
 
 _secrets: set[str] = set()   # whole passwords, in every form: replaced in any text
 _pieces: set[str] = set()    # pieces of them between "@", ":" and "/": replaced in printed text only
-
-
-def url_password(url: str) -> str | None:
-    """The password of a URL as typed (still percent-encoded), or None when it has none."""
-    m = _URL_PASSWORD.search(url)
-    return m.group("password") if m else None
 
 
 def _sqlalchemy_password(value: str) -> str | None:
@@ -84,9 +81,10 @@ def remember(text: str | None) -> None:
     for typed in found:
         forms = {typed, unquote(typed), quote(unquote(typed), safe="")}
         _secrets.update(form for form in forms if len(form) >= _MIN_REMEMBERED)
-        # A raw "@", ":" or "/" makes drivers split the password and quote a piece as a host or port.
-        _pieces.update(piece for form in forms for piece in re.split(r"[@:/\s]", form)
-                       if len(piece) >= _MIN_REMEMBERED)
+        # A raw "@", ":", "/", "#", "?" or "&" makes drivers split the password and quote a piece as a
+        # host, port, database or query.
+        _pieces.update(piece for form in forms for piece in re.split(r"[/#@:%?&=\s]+", form)
+                       if len(piece) >= _MIN_PIECE)
 
 
 def forget() -> None:

@@ -54,18 +54,20 @@ def preflight(cfg: DictConfig) -> dict[str, int]:
         validate(cfg)
         return data.check_files(cfg.data, cfg.eval.num_examples)
     except OmegaConfBaseException as exc:  # e.g. train.lr='${nope.x}': an interpolation that cannot resolve
-        key = getattr(exc, "full_key", None) or "a value"
-        raise ConfigError(f"{key}: {str(exc).splitlines()[0]}; fix the value or the ${{...}} it refers to") from None
+        raise _unresolved(exc) from None
 
 
-def _failed_without_record(cfg: dict[str, Any], trial: dict[str, Any], exit_: runtime.WorkerExit,
-                           timeout_s: float) -> TrialResult:
+def _unresolved(exc: OmegaConfBaseException) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "a value"
+    return ConfigError(f"{key}: {str(exc).splitlines()[0]}; fix the value or the ${{...}} it refers to")
+
+
+def _failed_without_record(cfg: dict[str, Any], trial: dict[str, Any], error: dict[str, str],
+                           wall_s: float) -> TrialResult:
     trial = {**trial, "finished_at": datetime.now(UTC).isoformat(timespec="seconds")}
     environment = trial.pop("environment", {})
     return TrialResult(status="failed", trial=trial, config={k: v for k, v in cfg.items() if k != "trial"},
-                       error={"type": "WorkerDied", "message": exit_.describe(timeout_s),
-                              "traceback": exit_.log_tail},
-                       timings={"worker_wall_s": exit_.wall_s}, environment=environment,
+                       error=error, timings={"worker_wall_s": wall_s}, environment=environment,
                        seed=cfg["train"]["seed"])
 
 
@@ -102,7 +104,8 @@ def run_trial(cfg: DictConfig, trial_dir: Path, trial: dict[str, Any]) -> TrialR
     try:
         result, worker_wrote_it = results.read(trial_dir), True
     except (OSError, ValueError, TypeError):
-        result, worker_wrote_it = _failed_without_record(plain, trial, exit_, timeout_s), False
+        died = {"type": "WorkerDied", "message": exit_.describe(timeout_s), "traceback": exit_.log_tail}
+        result, worker_wrote_it = _failed_without_record(plain, trial, died, exit_.wall_s), False
     if result.status == "completed" and not exit_.ok:
         log.warning("the worker wrote a completed record, then %s", exit_.describe(timeout_s))
     # The worker's wall time as the parent saw it (process start and exit included): kept in the record.
@@ -121,10 +124,9 @@ def run_trial(cfg: DictConfig, trial_dir: Path, trial: dict[str, Any]) -> TrialR
 def _record_interrupted(plain: dict[str, Any], trial: dict[str, Any], trial_dir: Path) -> None:
     if (trial_dir / results.RESULT_FILE).exists():
         return  # the worker finished its record just before the interrupt: it stands
-    interrupted = runtime.WorkerExit(-2, False, 0.0, "")
-    result = _failed_without_record(plain, trial, interrupted, 0.0)
-    result.error = {"type": "Interrupted", "message": "interrupted (SIGINT) before the trial finished; the worker "
-                    "was stopped. Run the same command again to measure it", "traceback": ""}
+    result = _failed_without_record(plain, trial, {
+        "type": "Interrupted", "message": "interrupted (SIGINT) before the trial finished; the worker was "
+        "stopped. Run the same command again to measure it", "traceback": ""}, 0.0)
     try:
         results.write(trial_dir, result)
     except results.RecordError as exc:
@@ -174,7 +176,7 @@ def main(cfg: DictConfig) -> list[float] | None:
     try:
         trial_dir, info = trial_identity(cfg)
     except OmegaConfBaseException as exc:  # study.name='${nope}': nothing has started, not even a record
-        log.error("%s: %s; fix the value", getattr(exc, "full_key", None) or "a value", str(exc).splitlines()[0])
+        log.error("%s", _unresolved(exc))
         sys.exit(EXIT_BAD_INPUT)
     # Hydra has already dumped the command line into .hydra/: a storage URL's password must not stay there.
     redact.scrub_files(trial_dir / ".hydra")

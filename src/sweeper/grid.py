@@ -54,10 +54,7 @@ class GridSweeper(StudySweeper):
         later become ``lora.r=2,4,8`` in the same study. Other keys stay categorical; when the study
         already holds a key, its recorded distribution is kept if it covers this grid's values.
         """
-        seen: dict[str, BaseDistribution] = {}
-        for t in study.get_trials(deepcopy=False):
-            for key, dist in t.distributions.items():
-                seen.setdefault(key, dist)
+        seen = S.recorded_distributions(study)
         out: dict[str, BaseDistribution] = {}
         for key, values in space.grid().items():
             old = seen.get(key)

@@ -100,11 +100,19 @@ _LOCK_KEY_SCHEMA = 0x70617265  # "pare": arbitrary constants naming our advisory
 _LOCK_KEY_ASK = 0x74756E65     # "tune"
 
 
+STORAGE_SCHEMES = ("postgresql", "sqlite")  # with a driver or not: postgresql+psycopg2://
+
+
+def supported_scheme(url: str) -> bool:
+    """Whether a storage URL names a database our sweepers can open and lock."""
+    return url.split("://", 1)[0].split("+", 1)[0] in STORAGE_SCHEMES
+
+
 def open_storage(storage: str) -> optuna.storages.BaseStorage:
     """A URL (postgresql://, sqlite:///) opens an RDB; anything else is a journal file path."""
     if _is_url(storage):
         scheme = storage.split("://", 1)[0]
-        if not scheme.startswith(("postgresql", "sqlite")):
+        if not supported_scheme(storage):
             raise StudyError(f"hydra.sweeper.storage: unsupported scheme '{scheme}://'; use "
                              "postgresql://user:pass@host/db, sqlite:///path.db, or a journal file path")
         try:
@@ -195,10 +203,7 @@ def check_resumed(study: optuna.Study, names: list[str], directions: list[str],
         raise StudyError(f"study '{name}' records the objectives {list(study.metric_names)}, but this sweep "
                          f"declares {names}; resuming would relabel the values of its trials. Restore `objectives`"
                          " or set hydra.sweeper.study_name to a new name")
-    seen: dict[str, BaseDistribution] = {}
-    for t in study.get_trials(deepcopy=False):
-        for key, dist in t.distributions.items():
-            seen.setdefault(key, dist)
+    seen = recorded_distributions(study)
     for key, dist in distributions.items():
         old = seen.get(key)
         if old is None:
@@ -210,6 +215,16 @@ def check_resumed(study: optuna.Study, names: list[str], directions: list[str],
                 f"study '{name}' already has {key} as {_describe(old)}; this sweep gives it {_describe(dist)}, "
                 "and an Optuna study cannot change a parameter's categories or kind. Run the new values in a "
                 "study of their own (hydra.sweeper.study_name=<new name>), or keep the recorded ones") from None
+
+
+def recorded_distributions(study: optuna.Study) -> dict[str, BaseDistribution]:
+    """The distribution each parameter was first stored with in the study (Optuna requires the same
+    kind, and for categoricals the same choices, from every later trial)."""
+    seen: dict[str, BaseDistribution] = {}
+    for t in study.get_trials(deepcopy=False):
+        for key, dist in t.distributions.items():
+            seen.setdefault(key, dist)
+    return seen
 
 
 def _describe(dist: BaseDistribution) -> str:
