@@ -31,7 +31,7 @@ def cache_key(cfg: Any, eval_file: Path) -> tuple[str, dict[str, Any]]:
                                           "instruction", "truncation")},
         "max_seq_len": cfg.train.max_seq_len,
         "eval": {k: cfg.eval[k] for k in ("num_examples", "max_new_tokens", "metrics", "bertscore_package",
-                                          "bertscore_num_layers")},
+                                          "bertscore_num_layers", "decoder")},
     }
     material = json.loads(json.dumps(material, default=str))
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
@@ -39,22 +39,26 @@ def cache_key(cfg: Any, eval_file: Path) -> tuple[str, dict[str, Any]]:
 
 
 def get_or_compute(cache_dir: Path, cfg: Any, eval_file: Path,
-                   compute: Callable[[], dict[str, float]]) -> tuple[dict[str, float], dict[str, Any]]:
-    """Baseline metrics (named baseline/...) and facts about them (cached or not, seconds spent)."""
+                   compute: Callable[[], tuple[dict[str, float], list[dict[str, Any]]]],
+                   ) -> tuple[dict[str, float], dict[str, Any]]:
+    """Baseline metrics (named baseline/...) and facts about them: cached or not, seconds spent, and
+    ``per_example``, the untuned model's own value of each metric per eval example (ids and numbers,
+    eval/... names, as the trial's per_example.jsonl), for paired intervals of the gains."""
     digest, material = cache_key(cfg, eval_file)
     path = cache_dir / "baselines" / f"{digest}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):  # concurrent workers wait for the first one's result
         if path.is_file():
             stored = json.loads(path.read_text())
-            return stored["metrics"], {"cached": True, "key": digest, "seconds": 0.0}
+            return stored["metrics"], {"cached": True, "key": digest, "seconds": 0.0,
+                                       "per_example": stored.get("per_example", [])}
         log.info("scoring the untuned model once for these eval settings (cached as %s)", digest)
         start = time.perf_counter()
-        scores = compute()
+        scores, per_example = compute()
         seconds = time.perf_counter() - start
         metrics = {M.baseline_name(k): v for k, v in scores.items() if k in M.QUALITY}
-        atomic_write_json(path, {"metrics": metrics, "key": material, "seconds": seconds})
-    return metrics, {"cached": False, "key": digest, "seconds": seconds}
+        atomic_write_json(path, {"metrics": metrics, "key": material, "seconds": seconds, "per_example": per_example})
+    return metrics, {"cached": False, "key": digest, "seconds": seconds, "per_example": per_example}
 
 
 def gains(metrics: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:

@@ -98,6 +98,11 @@ class Direction(StrEnum):
     minimize = "minimize"
 
 
+class Decoder(StrEnum):
+    fast = "fast"
+    hf = "hf"
+
+
 class EvalMetric(StrEnum):
     loss = "loss"
     rouge = "rouge"
@@ -203,6 +208,7 @@ class EvalConfig:
     num_examples: int = MISSING
     max_new_tokens: int = MISSING
     batch_size: int = MISSING
+    decoder: Decoder = MISSING
     merge_adapter: bool = MISSING
     metrics: list[EvalMetric] = MISSING
     bertscore_package: str = MISSING

@@ -17,7 +17,7 @@ import torch
 
 from src import metrics as M
 from src.data import Example
-from src.loop import collate, target_loss
+from src.loop import collate
 from src.paths import package_dir
 
 log = logging.getLogger(__name__)
@@ -32,16 +32,11 @@ class Generation:
     seconds: float
 
 
-@torch.no_grad()
 def eval_loss(model: Any, examples: list[Example], batch_size: int, pad_id: int) -> float:
-    """Mean cross-entropy per summary token (token-weighted across batches, padding excluded)."""
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i:i + batch_size], pad_id)
-        n = int((batch["labels"][:, 1:] != -100).sum())  # the model shifts labels by one
-        total += target_loss(model, batch).item() * n
-        count += n
-    return total / count
+    """Mean cross-entropy per summary token (token-weighted across examples, padding excluded), from
+    teacher-forced passes over prompt + reference (the hf decoder's loss)."""
+    losses = _losses_batched(model, examples, batch_size, pad_id)
+    return sum(s for s, _ in losses) / sum(c for _, c in losses)
 
 
 @torch.no_grad()
@@ -126,8 +121,8 @@ class UnicodeTokenizer:
         return [self._stem(w) if len(w) > 3 and w.isascii() else w for w in unicode_words(text)]
 
 
-def rouge(predictions: list[str], references: list[str]) -> tuple[dict[str, float], list[float]]:
-    """Mean ROUGE F1 (stemmed) per variant, and the per-example ROUGE-L F1."""
+def rouge(predictions: list[str], references: list[str]) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Mean ROUGE F1 (stemmed) per variant, and every variant's F1 per example."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(list(M.ROUGE_KEYS), tokenizer=UnicodeTokenizer())
@@ -137,13 +132,13 @@ def rouge(predictions: list[str], references: list[str]) -> tuple[dict[str, floa
         scores = scorer.score(_sentences(ref), _sentences(pred))
         for k in M.ROUGE_KEYS:
             sums[k] += scores[k].fmeasure
-        per_example.append(scores["rougeL"].fmeasure)
+        per_example.append({f"eval/{k}": scores[k].fmeasure for k in M.ROUGE_KEYS})
     n = len(predictions)
     return {f"eval/{k}": v / n for k, v in sums.items()}, per_example
 
 
-def bertscore_f1(predictions: list[str], references: list[str], package: str, num_layers: int) -> float:
-    """Mean raw BERTScore F1 with the MiniLM model shipped in a PyPI package (no rescale baseline
+def bertscore_f1(predictions: list[str], references: list[str], package: str, num_layers: int) -> list[float]:
+    """Raw BERTScore F1 per example with the MiniLM model shipped in a PyPI package (no rescale baseline
     exists for it, so the raw F1 is reported; compare it only with other raw MiniLM scores)."""
     from bert_score import score
 
@@ -160,37 +155,107 @@ def bertscore_f1(predictions: list[str], references: list[str], package: str, nu
                          batch_size=32, verbose=False)
         for i, value in zip(scored, f1.tolist(), strict=True):
             f1s[i] = value
-    return sum(f1s) / len(f1s)
+    return f1s
+
+
+def decoder_for(model: Any, requested: str) -> str:
+    """The decoder that will run: the fast one when asked for and able to drive ``model``, else hf."""
+    from src import decode
+
+    return "fast" if requested == "fast" and decode.supported(model) else "hf"
+
+
+def _loss_and_generation(model: Any, tokenizer: Any, examples: list[Example], ecfg: Any, pad_id: int,
+                         eos_id: int, loss_batch_size: int, with_loss: bool, with_gen: bool,
+                         spent: dict[str, float]) -> tuple[list[tuple[float, int]] | None, Generation | None]:
+    """Per example (summed reference cross-entropy, reference tokens), and the greedy summaries."""
+    from src import decode
+
+    if decoder_for(model, str(ecfg.decoder)) == "fast":
+        d = decode.run(model, examples, ecfg.max_new_tokens, ecfg.batch_size, pad_id, eos_id, with_loss, with_gen)
+        losses = list(zip(d.loss_sums, d.loss_counts, strict=True)) if with_loss else None
+        gen = None
+        if with_gen:
+            texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in d.tokens]
+            gen = Generation(texts, sum(len(ids) + 1 for ids in d.tokens), d.gen_seconds)
+        if with_loss:
+            spent["eval_loss_s"] = d.loss_seconds
+        return losses, gen
+    losses = None
+    if with_loss:
+        t0 = time.perf_counter()
+        losses = _losses_batched(model, examples, loss_batch_size, pad_id)
+        spent["eval_loss_s"] = time.perf_counter() - t0
+    gen = None
+    if with_gen:
+        gen = generate(model, examples, ecfg.max_new_tokens, ecfg.batch_size, pad_id, eos_id, tokenizer)
+    return losses, gen
+
+
+@torch.no_grad()
+def _losses_batched(model: Any, examples: list[Example], batch_size: int, pad_id: int) -> list[tuple[float, int]]:
+    """Summed cross-entropy and token count per example, from batched teacher-forced passes."""
+    from src.loop import _body_and_head
+
+    out: list[tuple[float, int]] = []
+    parts = _body_and_head(model)
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        batch = collate(chunk, pad_id)
+        if parts is None:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        else:
+            body, head = parts
+            hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            logits = None
+        labels = batch["labels"][:, 1:]
+        for j in range(len(chunk)):
+            keep = labels[j] != -100
+            row_logits = logits[j][keep] if logits is not None else head(hidden[j, :-1][keep])
+            out.append((float(torch.nn.functional.cross_entropy(row_logits.float(), labels[j][keep], reduction="sum")),
+                        int(keep.sum())))
+    return out
 
 
 def evaluate(model: Any, tokenizer: Any, examples: list[Example], ecfg: Any, pad_id: int, eos_id: int,
              loss_batch_size: int, timings: dict[str, float] | None = None,
              ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """All requested eval metrics, and one prediction row per example (kept in the trial dir only).
+    """All requested eval metrics, and one row per example: its id, reference and prediction (text,
+    kept in the trial dir only) and its own value of every metric (numbers, see ``per_example``).
     ``timings`` receives the seconds spent on the eval loss, on generation and on scoring."""
     families = [str(m) for m in ecfg.metrics]
     out: dict[str, float] = {}
     spent = timings if timings is not None else {}
-    if "loss" in families:
-        t0 = time.perf_counter()
-        out[M.EVAL_LOSS] = eval_loss(model, examples, loss_batch_size, pad_id)
-        spent["eval_loss_s"] = time.perf_counter() - t0
-    rows: list[dict[str, Any]] = []
-    if "rouge" in families or "bertscore" in families:
-        gen = generate(model, examples, ecfg.max_new_tokens, ecfg.batch_size, pad_id, eos_id, tokenizer)
+    with_gen = "rouge" in families or "bertscore" in families
+    losses, gen = _loss_and_generation(model, tokenizer, examples, ecfg, pad_id, eos_id, loss_batch_size,
+                                       "loss" in families, with_gen, spent)
+    rows: list[dict[str, Any]] = [{"id": ex.id} for ex in examples]
+    if losses is not None:
+        out[M.EVAL_LOSS] = sum(s for s, _ in losses) / sum(c for _, c in losses)
+        for row, (loss_sum, count) in zip(rows, losses, strict=True):
+            row[M.EVAL_LOSS] = loss_sum / count
+            row[M.EVAL_LOSS_TOKENS] = count
+    if gen is not None:
         out[M.EVAL_GEN_TOKENS_PER_S] = gen.new_tokens / gen.seconds
         spent["eval_gen_s"] = gen.seconds
         t0 = time.perf_counter()
         refs = [ex.reference for ex in examples]
-        rows = [{"id": ex.id, "reference": ex.reference, "prediction": text}
-                for ex, text in zip(examples, gen.texts, strict=True)]
+        for row, ex, text in zip(rows, examples, gen.texts, strict=True):
+            row.update(reference=ex.reference, prediction=text)
         if "rouge" in families:
             scores, per_example = rouge(gen.texts, refs)
             out.update(scores)
-            for row, r in zip(rows, per_example, strict=True):
-                row["rougeL"] = r
+            for row, values in zip(rows, per_example, strict=True):
+                row.update(values)
         if "bertscore" in families:
-            out[M.EVAL_BERTSCORE_F1] = bertscore_f1(gen.texts, refs, ecfg.bertscore_package,
-                                                    ecfg.bertscore_num_layers)
+            f1s = bertscore_f1(gen.texts, refs, ecfg.bertscore_package, ecfg.bertscore_num_layers)
+            out[M.EVAL_BERTSCORE_F1] = sum(f1s) / len(f1s)
+            for row, value in zip(rows, f1s, strict=True):
+                row[M.EVAL_BERTSCORE_F1] = value
         spent["eval_score_s"] = time.perf_counter() - t0
     return out, rows
+
+
+def per_example(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows without their text: example ids and numbers only (safe to keep beside the record)."""
+    return [{k: v for k, v in row.items() if k not in ("reference", "prediction")} for row in rows]

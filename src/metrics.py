@@ -10,6 +10,7 @@ TRAIN_STEPS = "train/steps"
 TRAIN_TOKENS = "train/tokens"
 
 EVAL_LOSS = "eval/loss"
+EVAL_LOSS_TOKENS = "eval/loss_tokens"  # per example only: the reference tokens its loss averages (its weight)
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 EVAL_ROUGE = tuple(f"eval/{k}" for k in ROUGE_KEYS)
 EVAL_BERTSCORE_F1 = "eval/bertscore_f1"
@@ -53,6 +54,11 @@ def available(families: Iterable[str]) -> list[str]:
 def baseline_name(metric: str) -> str:
     """eval/rougeL -> baseline/rougeL: the untuned model's score on the same examples."""
     return "baseline/" + metric.split("/", 1)[1]
+
+
+def interval_name(name: str) -> str:
+    """eval/rougeL -> eval/rougeL_ci95: where summaries that hold one number per key keep [low, high]."""
+    return f"{name}_ci95"
 
 
 def gain_name(metric: str) -> str:

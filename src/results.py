@@ -18,11 +18,14 @@ from typing import Any
 
 from src.redact import scrub
 
-SCHEMA_VERSION = 2  # 2: model, baseline, quant, trainable params, stop reason and eval model moved to `run`
+SCHEMA_VERSION = 3  # 2: model, baseline, quant, trainable params, stop reason and eval model moved to `run`
+#                    3: `intervals` (bootstrap 95% of each quality metric and gain)
 RESULT_FILE = "result.json"          # the record
 CONFIG_FILE = "trial_config.json"    # the resolved config, written by the parent, read by the worker
 TRAIN_LOG = "train_log.jsonl"        # one row per logged training step
 PREDICTIONS = "predictions.jsonl"    # id, reference, prediction of every eval example (stays on disk)
+PER_EXAMPLE = "per_example.jsonl"    # id and each metric's value per eval example: numbers only, no text
+BASELINE_PER_EXAMPLE = "baseline_per_example.jsonl"  # the same for the untuned model
 WORKER_LOG = "worker.log"            # the worker's stdout and stderr
 STATUSES = ("completed", "failed", "pruned")
 
@@ -35,6 +38,7 @@ class TrialResult:
     metrics: dict[str, float] = field(default_factory=dict)      # namespaced: train/..., eval/..., cost/...
     baseline: dict[str, float] = field(default_factory=dict)     # untuned model: baseline/...
     gains: dict[str, float] = field(default_factory=dict)        # eval minus baseline: gain/...
+    intervals: dict[str, list[float]] = field(default_factory=dict)  # metric or gain name: [low, high], 95%
     objectives: dict[str, float] = field(default_factory=dict)   # the declared objectives, in order
     error: dict[str, str] | None = None   # type, message, traceback (failed trials)
     timings: dict[str, float] = field(default_factory=dict)      # phases in seconds

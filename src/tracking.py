@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from src import metrics as M
 from src import results
 from src.redact import scrub
 from src.results import TrialResult
@@ -92,7 +93,9 @@ def log_wandb(result: TrialResult, trial_dir: Path, lcfg: Any) -> None:
             for row in _train_rows(trial_dir, result):
                 step = int(row.pop("step"))
                 run.log(row, step=step)
-            run.summary.update({**result.metrics, **result.baseline, **result.gains, "status": result.status})
+            intervals = {M.interval_name(k): v for k, v in result.intervals.items()}
+            run.summary.update({**result.metrics, **result.baseline, **result.gains, **intervals,
+                                "status": result.status})
             if result.error:
                 run.summary["error"] = result.error.get("message", "")
             if lcfg.log_text and result.artifacts.get("predictions"):

@@ -43,6 +43,8 @@ class Trial:
     metrics: dict[str, float] = field(default_factory=dict)
     baseline: dict[str, float] = field(default_factory=dict)
     gains: dict[str, float] = field(default_factory=dict)
+    intervals: dict[str, list[float]] = field(default_factory=dict)  # bootstrap 95% of metrics and gains
+    baseline_rows: list[dict[str, Any]] = field(default_factory=list)  # the untuned model's per-example values
     timings: dict[str, float] = field(default_factory=dict)
     cost_info: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)       # the splits: sizes, truncated, dropped
@@ -73,7 +75,7 @@ class Trial:
             metrics, baseline, gains = (_finite(d) for d in (metrics, baseline, gains))
         return TrialResult(
             status=status, trial=trial_info, config=plain, metrics=metrics, baseline=baseline,
-            gains=gains, objectives=objectives, error=error, timings=self.timings,
+            gains=gains, intervals=self.intervals, objectives=objectives, error=error, timings=self.timings,
             cost_info=self.cost_info, data=self.data, run=self.run, cpu=self.cpu, environment=environment,
             artifacts=self.artifacts, seed=plain["train"]["seed"])
 
@@ -212,13 +214,18 @@ def _score(t: Trial, net: Any, inputs: Inputs, timings: dict[str, float] | None 
 
 
 def _untuned_baseline(t: Trial, net: Any, inputs: Inputs) -> None:
-    from src import baseline, data
+    from src import baseline, data, evaluate
 
     cfg = t.cfg
+    def compute() -> tuple[dict[str, float], list[dict[str, Any]]]:
+        scores, rows = _score(t, net, inputs)
+        return scores, evaluate.per_example(rows)
+
     t.baseline, info = baseline.get_or_compute(Path(cfg.paths.cache_dir), cfg, data.split_paths(cfg.data)["eval"],
-                                               lambda: _score(t, net, inputs)[0])
+                                               compute)
     t.timings["baseline_s"] = info["seconds"]
     t.run["baseline"] = {"cached": info["cached"], "key": info["key"]}
+    t.baseline_rows = info["per_example"]
 
 
 def _trainable(t: Trial, net: Any) -> Any:
@@ -262,8 +269,9 @@ def _train(t: Trial, net: Any, inputs: Inputs) -> Any:
 
 
 def _evaluate(t: Trial, net: Any, inputs: Inputs) -> tuple[dict[str, float], float]:
-    """Scores of the model as it would be deployed: the adapter merged into (or kept beside) the base."""
-    from src import quant
+    """Scores of the model as it would be deployed: the adapter merged into (or kept beside) the base;
+    each example's own scores beside the record, and the metrics' and gains' bootstrap intervals."""
+    from src import evaluate, quant, uncertainty
 
     cfg = t.cfg
     t0 = time.perf_counter()
@@ -274,12 +282,20 @@ def _evaluate(t: Trial, net: Any, inputs: Inputs) -> tuple[dict[str, float], flo
     t.run["eval_model"] = ("merged into " if merge else "adapter on ") + base
     if cfg.eval.merge_adapter and not merge:
         t.run["eval_model"] += f" ({t.run['quant']['backend']} cannot merge LoRA into its layers)"
+    t.run["eval_decoder"] = evaluate.decoder_for(net, str(cfg.eval.decoder))
     with _precision(cfg.cpu.dtype):  # evaluated in the precision it was trained and would be served in
         scores, rows = _score(t, net, inputs, t.timings)
     eval_s = time.perf_counter() - t0
-    if rows:
+    if any("prediction" in row for row in rows):
         results.write_jsonl(t.trial_dir / results.PREDICTIONS, rows)
         t.artifacts["predictions"] = results.PREDICTIONS
+    numbers = evaluate.per_example(rows)
+    results.write_jsonl(t.trial_dir / results.PER_EXAMPLE, numbers)
+    t.artifacts["per_example"] = results.PER_EXAMPLE
+    if t.baseline_rows:
+        results.write_jsonl(t.trial_dir / results.BASELINE_PER_EXAMPLE, t.baseline_rows)
+        t.artifacts["baseline_per_example"] = results.BASELINE_PER_EXAMPLE
+    t.intervals = uncertainty.record_intervals(numbers, t.baseline_rows, seed=int(cfg.train.seed))
     return scores, eval_s
 
 

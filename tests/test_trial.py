@@ -41,6 +41,10 @@ def wandb_sweep(tmp_path_factory, data_root, cache_dir):
     return proc, sweep_dir, _records(sweep_dir)
 
 
+def _eval_ids(tdir: Path) -> list[dict]:
+    return [json.loads(x) for x in (tdir / "predictions.jsonl").read_text().splitlines()]
+
+
 def test_sweep_records_one_complete_result_per_trial(wandb_sweep):
     _, sweep_dir, records = wandb_sweep
     assert [r.status for r in records] == ["completed", "completed"]
@@ -62,6 +66,16 @@ def test_sweep_records_one_complete_result_per_trial(wandb_sweep):
         assert (tdir / "adapter" / "adapter_config.json").is_file()
         assert len((tdir / "predictions.jsonl").read_text().splitlines()) == 2
         assert len((tdir / "train_log.jsonl").read_text().splitlines()) == 3
+        assert r.run["eval_decoder"] == "fast"
+        # each example's own numbers, and the untuned model's, beside the record (no text); intervals
+        for name in ("per_example.jsonl", "baseline_per_example.jsonl"):
+            rows = [json.loads(x) for x in (tdir / name).read_text().splitlines()]
+            assert [row["id"] for row in rows] == [ex["id"] for ex in _eval_ids(tdir)]
+            assert all(set(row) == {"id", "eval/loss_tokens", *M.QUALITY} for row in rows)
+        assert set(r.intervals) == set(M.QUALITY) | set(r.gains)
+        for name, (lo, hi) in r.intervals.items():
+            value = r.metrics[name] if name in r.metrics else r.gains[name]
+            assert lo - 1e-9 <= value <= hi + 1e-9
     # the untuned baseline was scored at most once for both trials
     assert records[1].run["baseline"]["cached"] is True
     assert records[0].baseline == records[1].baseline
