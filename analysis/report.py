@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from analysis import configs, figures
+from analysis import configs, figures, uncertain
 from analysis.summary import Group, Summary
 from analysis.trials import describe_unreadable, metric_names
 
@@ -61,10 +61,15 @@ def _fmt(value: Any) -> str:
 
 
 def _group_cell(g: Group, name: str) -> str:
+    """Mean ± standard deviation over repeats; a single trial's quality metric with its 95% interval."""
     if name not in g.mean:
         return "-"
-    spread = f" ± {g.std[name]:.2g}" if len(g.rows) > 1 else ""
-    return f"{g.mean[name]:.4g}{spread}"
+    if len(g.rows) > 1:
+        return f"{g.mean[name]:.4g} ± {g.std[name]:.2g}"
+    interval = ((g.rows[0].record or {}).get("intervals") or {}).get(name)
+    if isinstance(interval, list) and len(interval) == 2:
+        return f"{g.mean[name]:.4g} [{interval[0]:.3g}, {interval[1]:.3g}]"
+    return f"{g.mean[name]:.4g}"
 
 
 def _status_counts(s: Summary) -> str:
@@ -98,13 +103,23 @@ def markdown(s: Summary, written_configs: dict[str, tuple[Path, str]], files: li
     if s.recommendations and s.notes:
         out += [f"Note: {note}." for note in s.notes] + [""]
     names = s.objective_names
+    rule = ("A configuration is left off only when another is at least as good on every objective and better "
+            "beyond the noise on one: quality by a paired bootstrap over the shared eval examples (95%), costs "
+            f"by more than {uncertain.COST_TOLERANCE:.0%} with non-overlapping repeats, never on a cost measured "
+            "while other processes used the machine. "
+            if s.uncertainty_aware else "").rstrip()
     out += ["## Pareto front", "", f"Feasible, non-dominated configurations over {', '.join(names)} "
-            "(mean ± sample standard deviation where a configuration ran more than once).", ""]
+            "(value [95% interval over the eval examples] for one trial, mean ± sample standard deviation "
+            f"where a configuration ran more than once). {rule}".rstrip(), ""]
     header = ["trial", *names, "params"]
     out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for g in s.front:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in g.params.items())
         out.append("| " + " | ".join([g.label, *(_group_cell(g, n) for n in names), params]) + " |")
+    for tie in s.ties:
+        out += ["", f"Cannot be told apart: {', '.join(g.label for g in tie)} (no objective differs beyond the noise)."]
+    if s.separation:
+        out += ["", s.separation]
     infeasible = [g for g in s.groups if not g.feasible]
     if infeasible:
         out += ["", "## Left out by the constraints", ""]
@@ -154,8 +169,12 @@ def _trials_table(s: Summary) -> str:
 
 
 def _markdown_to_html(text: str) -> str:
-    """The summary as preformatted text: exact, and readable without a Markdown renderer."""
-    return f"<pre class='summary'>{html.escape(text)}</pre>"
+    """The summary rendered as a page (headings, tables, code blocks) by markdown-it-py, CommonMark
+    with GitHub's tables. Raw HTML in the text is escaped, not passed through: trial errors and
+    overrides are user text."""
+    from markdown_it import MarkdownIt
+
+    return "<div class='summary'>" + MarkdownIt("commonmark", {"html": False}).enable("table").render(text) + "</div>"
 
 
 def write_html(s: Summary, figs: dict[str, Any], summary_md: str, path: Path) -> None:
@@ -167,8 +186,8 @@ def write_html(s: Summary, figs: dict[str, Any], summary_md: str, path: Path) ->
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>paretune report: {html.escape(s.data.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse;font-size:12px}}
-td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}} pre.summary{{white-space:pre-wrap;background:#f6f6f6;
-padding:1em}}</style></head><body>
+td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}} pre{{white-space:pre-wrap;background:#f6f6f6;
+padding:0.6em}} code{{background:#f6f6f6}}</style></head><body>
 <h1>paretune report: {html.escape(s.data.name)}</h1>
 {_markdown_to_html(summary_md)}
 {''.join(parts)}

@@ -9,9 +9,9 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from analysis import pareto
+from analysis import pareto, uncertain
 from analysis.constraints import Constraint
-from analysis.trials import StudyData, TrialRow
+from analysis.trials import StudyData, TrialRow, per_example
 from src import metrics as M
 
 
@@ -71,6 +71,11 @@ class Summary:
     importance: dict[str, dict[str, float]]   # objective -> param -> importance
     importance_note: str | None
     notes: list[str] = field(default_factory=list)
+    # Set when every feasible configuration kept per-example scores: the front and 'cheapest' then
+    # claim only differences beyond the noise (analysis/uncertain.py).
+    ties: list[list[Group]] = field(default_factory=list)    # front members no objective tells apart
+    separation: str | None = None                            # what the data cannot decide, and what would
+    uncertainty_aware: bool = False
 
     @property
     def directions(self) -> list[str]:
@@ -201,7 +206,11 @@ def summarize(data: StudyData, constraints: list[Constraint], tolerance: float =
         g.violations = [v for c in constraints if (v := c.check(g.mean, g.baseline)) is not None]
     feasible = [g for g in groups if g.feasible]
     directions = [d for _, d in data.objectives]
-    front = [feasible[i] for i in pareto.pareto_indices([g.values for g in feasible], directions)]
+    cands = _candidates(feasible)
+    if cands is not None:
+        front = [feasible[i] for i in uncertain.front(cands, data.objectives, tolerance)]
+    else:
+        front = [feasible[i] for i in pareto.pareto_indices([g.values for g in feasible], directions)]
     front.sort(key=lambda g: (g.values[0] * (-1 if directions[0] == "maximize" else 1), g.numbers[0]))
     recs = []
     notes = []
@@ -210,7 +219,15 @@ def summarize(data: StudyData, constraints: list[Constraint], tolerance: float =
         recs.append(Recommendation("knee", front[k], f"knee of the front: {method}"))
     elif groups:
         notes.append("no completed configuration satisfies every constraint: nothing to recommend")
-    cheapest = _cheapest(feasible, quality_axis, cost_metric, tolerance)
+    ties: list[list[Group]] = []
+    separation = None
+    if cands is not None and front:
+        cheapest = _cheapest_not_worse(feasible, cands, data.objectives, quality_axis, cost_metric, tolerance)
+        front_cands = [cands[feasible.index(g)] for g in front]
+        ties = [[front[i] for i in tie] for tie in uncertain.indistinguishable(front_cands, data.objectives, tolerance)]
+        separation = _separation(front, front_cands, data.objectives, quality_axis, tolerance)
+    else:
+        cheapest = _cheapest(feasible, quality_axis, cost_metric, tolerance)
     if cheapest is not None:
         recs.append(cheapest)
     elif feasible:
@@ -226,4 +243,59 @@ def summarize(data: StudyData, constraints: list[Constraint], tolerance: float =
         history = list(zip([r.number for r in completed], curve, strict=True))
     importance, importance_note = _importance(data)
     return Summary(data, constraints, groups, front, recs, quality_axis, cost_metric, tolerance, history,
-                   reference, importance, importance_note, notes)
+                   reference, importance, importance_note, notes, ties, separation, cands is not None)
+
+
+def _candidates(groups: list[Group]) -> list[uncertain.Candidate] | None:
+    """The groups with their per-example scores (repeats pooled), or None when some group has none
+    (records from before per-example scores were kept): then the plain point-value front is drawn."""
+    out = []
+    for g in groups:
+        runs = [per_example(r) for r in g.rows]
+        if not any(runs):
+            return None
+        scores, weights = uncertain.pooled([r for r in runs if r])
+        repeats = [list(r.values) for r in g.rows if r.values] if len(g.rows) > 1 else []
+        busy = any((((r.record or {}).get("cost_info") or {}).get("interference") or {}).get("busy") for r in g.rows)
+        out.append(uncertain.Candidate(g.label, g.values, scores, weights, repeats, bool(busy)))
+    return out
+
+
+def _cheapest_not_worse(feasible: list[Group], cands: list[uncertain.Candidate], objectives: list[tuple[str, str]],
+                        quality: tuple[str, str], cost: str, tolerance: float) -> Recommendation | None:
+    """The lowest-cost configuration whose quality is not confidently worse than the best one's."""
+    names = [n for n, _ in objectives]
+    if quality[0] not in names or not all(cost in g.mean for g in feasible):
+        return _cheapest(feasible, quality, cost, tolerance)
+    best, keep = uncertain.not_worse_than_best(cands, objectives, names.index(quality[0]), tolerance)
+    pick = min((feasible[i] for i in keep), key=lambda g: (g.mean[cost], g.numbers[0]))
+    return Recommendation("cheapest", pick, (
+        f"lowest {cost} among the feasible configurations whose {quality[0]} is not confidently worse "
+        f"(paired bootstrap over the shared eval examples, 95%, tolerance {tolerance:g}) than the best, "
+        f"trial {feasible[best].label}"))
+
+
+def _separation(front: list[Group], cands: list[uncertain.Candidate], objectives: list[tuple[str, str]],
+                quality: tuple[str, str], tolerance: float) -> str | None:
+    """One sentence when the front's configurations cannot be told apart on the quality objective:
+    the largest difference, its interval, and about how many eval examples would separate it."""
+    names = [n for n, _ in objectives]
+    if quality[0] not in names or len(front) < 2:
+        return None
+    k = names.index(quality[0])
+    pairs = []
+    for i in range(len(front)):
+        for j in range(len(front)):
+            if i != j and cands[i].values[k] > cands[j].values[k]:
+                pairs.append((i, j, uncertain.compare(cands[i], cands[j], objectives, tolerance)[k]))
+    undecided = [(i, j, d) for i, j, d in pairs if not (d.a_better or d.b_better) and d.low is not None]
+    if not undecided:
+        return None
+    i, j, d = max(undecided, key=lambda p: abs(p[2].diff))
+    labels = [front[n].label for n in sorted({n for a, b, _ in undecided for n in (a, b)})]
+    need = uncertain.examples_to_separate(d)
+    more = f"; about {need} shared eval examples (eval.num_examples, or repeats with other seeds) would" \
+           f" separate a difference this large" if need else ""
+    return (f"The data cannot tell {', '.join(labels)} apart on {quality[0]}: the largest "
+            f"difference, {front[i].label} minus {front[j].label} = {d.diff:+.3g}, has a 95% interval of "
+            f"[{d.low:+.3g}, {d.high:+.3g}] over {d.n} shared eval examples{more}.")

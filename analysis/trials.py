@@ -269,3 +269,15 @@ def metric_names(data: StudyData) -> list[str]:
     seen = {k for r in data.rows for k in r.metrics}
     order = [*M.ALWAYS, *M.QUALITY, M.EVAL_GEN_TOKENS_PER_S]
     return [m for m in order if m in seen] + sorted(seen - set(order))
+
+
+def per_example(row: TrialRow) -> list[dict[str, Any]]:
+    """The trial's per-example scores (per_example.jsonl beside its record: ids and numbers), or []
+    when the record predates them or the file cannot be read."""
+    name = ((row.record or {}).get("artifacts") or {}).get("per_example")
+    if not name or not row.result_path:
+        return []
+    try:
+        return results.read_jsonl(Path(row.result_path).parent / name)
+    except (OSError, ValueError):
+        return []

@@ -65,11 +65,13 @@ def train(model: Any, tokenizer: Any, examples: list[Example], tcfg: Any, out_di
             tokens = int(state.num_input_tokens_seen) - self.tokens_seen
             self.tokens_seen = int(state.num_input_tokens_seen)
             stats.steps, stats.tokens, stats.train_s = state.global_step, self.tokens_seen, now - self.start
+            stats.step_s.append(dt)
+            stats.step_tokens.append(tokens)
             if tcfg.time_budget_s is not None and stats.train_s >= tcfg.time_budget_s and state.global_step < steps:
                 stats.stopped_by = "time_budget"
                 control.should_training_stop = True
             self.pending: dict[str, Any] | None = {"step": state.global_step, M.TRAIN_TOKENS_PER_S: tokens / dt,
-                            "train/elapsed_s": stats.train_s}
+                                                   M.TRAIN_STEP_S: dt, "train/elapsed_s": stats.train_s}
             return control
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:

@@ -34,6 +34,8 @@ class TrainStats:
     train_s: float = 0.0
     stopped_by: str = "max_steps"
     losses: list[float] = field(default_factory=list)
+    step_s: list[float] = field(default_factory=list)       # wall seconds of each optimizer step
+    step_tokens: list[int] = field(default_factory=list)    # real tokens of each optimizer step
 
     @property
     def final_loss(self) -> float:
@@ -176,12 +178,14 @@ def train(model: Any, examples: list[Example], tcfg: Any, pad_id: int,
         dt = time.perf_counter() - t0
         stats.steps, stats.tokens = step, stats.tokens + step_tokens
         stats.losses.append(step_loss)
+        stats.step_s.append(dt)
+        stats.step_tokens.append(step_tokens)
         stats.train_s = time.perf_counter() - start
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{step_tokens / dt:.0f}")
         if step % tcfg.log_every == 0 or step == steps:
             on_log({"step": step, M.TRAIN_LOSS: step_loss, M.TRAIN_TOKENS_PER_S: step_tokens / dt,
-                    "train/lr": scheduler.get_last_lr()[0], "train/elapsed_s": stats.train_s})
+                    M.TRAIN_STEP_S: dt, "train/lr": scheduler.get_last_lr()[0], "train/elapsed_s": stats.train_s})
         if tcfg.time_budget_s is not None and stats.train_s >= tcfg.time_budget_s and step < steps:
             stats.stopped_by = "time_budget"
             break

@@ -8,6 +8,7 @@ TRAIN_LOSS = "train/loss"
 TRAIN_TOKENS_PER_S = "train/tokens_per_s"
 TRAIN_STEPS = "train/steps"
 TRAIN_TOKENS = "train/tokens"
+TRAIN_STEP_S = "train/step_s"  # per step, in train_log.jsonl only
 
 EVAL_LOSS = "eval/loss"
 EVAL_LOSS_TOKENS = "eval/loss_tokens"  # per example only: the reference tokens its loss averages (its weight)
@@ -17,6 +18,11 @@ EVAL_BERTSCORE_F1 = "eval/bertscore_f1"
 EVAL_GEN_TOKENS_PER_S = "eval/gen_tokens_per_s"
 
 COST_TRAIN_S = "cost/train_s"
+# Training seconds at the median per-token step speed (src/interference.py): a time objective that a
+# neighbour slowing some steps cannot inflate; cost/train_s stays the plain wall time.
+COST_TRAIN_S_ROBUST = "cost/train_s_robust"
+# Share of the machine's CPU time other processes used while the trial trained and evaluated.
+COST_OTHERS_CPU_SHARE = "cost/others_cpu_share"
 COST_EVAL_S = "cost/eval_s"
 COST_TOTAL_S = "cost/total_s"
 COST_PEAK_RSS_MB = "cost/peak_rss_mb"
@@ -36,6 +42,7 @@ QUALITY = (EVAL_LOSS, *EVAL_ROUGE, EVAL_BERTSCORE_F1)
 ALWAYS = (
     TRAIN_LOSS, TRAIN_TOKENS_PER_S, TRAIN_STEPS, TRAIN_TOKENS,
     COST_TRAIN_S, COST_EVAL_S, COST_TOTAL_S, COST_PEAK_RSS_MB, COST_USD, COST_ENERGY_WH, COST_ADAPTER_MB,
+    COST_TRAIN_S_ROBUST,
 )
 ALL = frozenset((*ALWAYS, *QUALITY, EVAL_GEN_TOKENS_PER_S))
 

@@ -161,7 +161,7 @@ def run(t: Trial) -> None:
     """The trial's stages in order; each one outside training and evaluation is timed, and together
     they are the sweep's overhead."""
     with t.timed("import"):  # torch, transformers, peft and the metrics, through the stages' modules
-        from src import baseline, cost, cpu, data, evaluate, loop, model, quant  # noqa: F401
+        from src import baseline, cost, cpu, data, evaluate, interference, loop, model, quant  # noqa: F401
     with t.timed("cpu_probe"):
         _apply_cpu(t)
     _seed(t.cfg.train.seed)
@@ -171,11 +171,16 @@ def run(t: Trial) -> None:
     _seed(t.cfg.train.seed)
     with t.timed("setup"):  # quantizing, attaching LoRA
         net = _trainable(t, net)
+    before_train = interference.snapshot()
     stats = _train(t, net, inputs)
+    after_train = interference.snapshot()
     with t.timed("save"):
         net.save_pretrained(t.trial_dir / ADAPTER_DIR)
         t.artifacts["adapter"] = ADAPTER_DIR
+    before_eval = interference.snapshot()
     scores, eval_s = _evaluate(t, net, inputs)
+    after_eval = interference.snapshot()
+    t.cost_info["interference"] = _interference(before_train, after_train, before_eval, after_eval)
     _account(t, stats, scores, eval_s, meter)
 
 
@@ -299,9 +304,24 @@ def _evaluate(t: Trial, net: Any, inputs: Inputs) -> tuple[dict[str, float], flo
     return scores, eval_s
 
 
+def _interference(*snaps: Any) -> dict[str, Any]:
+    """Other processes' share of the machine while this trial trained and evaluated, each stage and
+    both together (seconds-weighted); ``busy`` flags costs measured while the machine was shared."""
+    from src import interference
+
+    train, evaluation = interference.between(*snaps[:2]), interference.between(*snaps[2:])
+    out: dict[str, Any] = {"train": train, "eval": evaluation}
+    if train["others_cpu_share"] is not None and evaluation["others_cpu_share"] is not None:
+        wall = train["wall_s"] + evaluation["wall_s"]
+        for key in ("others_cpu_share", "steal_share"):
+            out[key] = (train[key] * train["wall_s"] + evaluation[key] * evaluation["wall_s"]) / wall
+        out["busy"] = bool(train["busy"] or evaluation["busy"])
+    return out
+
+
 def _account(t: Trial, stats: Any, scores: dict[str, float], eval_s: float, meter: Any) -> None:
     """The trial's metrics and what it cost."""
-    from src import baseline, cost
+    from src import baseline, cost, interference
 
     # Worker wall time without the shared baseline: process start, load, train, eval, saving.
     total_s = time.perf_counter() - t.started - t.timings["baseline_s"]
@@ -311,9 +331,13 @@ def _account(t: Trial, stats: Any, scores: dict[str, float], eval_s: float, mete
         M.TRAIN_STEPS: float(stats.steps), M.TRAIN_TOKENS: float(stats.tokens),
         **scores,
         M.COST_TRAIN_S: stats.train_s, M.COST_EVAL_S: eval_s, M.COST_TOTAL_S: total_s,
+        M.COST_TRAIN_S_ROBUST: interference.robust_train_s(stats.step_s, stats.step_tokens) or stats.train_s,
         M.COST_PEAK_RSS_MB: cost.peak_rss_mb(), M.COST_ADAPTER_MB: cost.dir_size_mb(t.trial_dir / ADAPTER_DIR),
         **money,
     }
+    share = t.cost_info.get("interference", {}).get("others_cpu_share")
+    if share is not None:
+        t.metrics[M.COST_OTHERS_CPU_SHARE] = share
     t.gains = baseline.gains(t.metrics, t.baseline)
     t.timings.update(train_s=stats.train_s, eval_s=eval_s, total_s=total_s,
                      worker_wall_s=time.perf_counter() - t.started)

@@ -17,7 +17,7 @@ import pytest
 
 from analysis import ratios
 from analysis.__main__ import folder_name
-from src.callbacks import collect, format_table
+from src.callbacks import collect, fixed_overrides, format_table
 from src.config import PROJECT_ROOT
 from tests.conftest import TINY
 from tests.report_study import STUDY, TRIALS, record, write_study
@@ -303,3 +303,19 @@ def test_a_refused_database_never_prints_its_password(study, given):
     assert "Traceback" not in proc.stderr
     assert not [piece for piece in PIECES if piece in proc.stdout + proc.stderr], proc.stderr
     assert _snapshot(study) == before
+
+
+def test_sweep_table_shows_only_the_varied_overrides_and_the_intervals():
+    """Overrides every trial shares (logger=none data.root=...) are printed once, not on each row,
+    so the numbers stay on screen; quality cells carry their 95% interval."""
+    recs = [_rec(j, j) for j in range(2)]
+    for r in recs:
+        r["trial"]["overrides"] += ["logger=none", "data.root=/very/long/path/to/the/data"]
+        r["intervals"] = {"eval/rougeL": [0.05, 0.2]}
+    table = format_table(recs)
+    assert "logger=none" not in table and "/very/long/path" not in table
+    rows = table.splitlines()[1:]
+    assert rows[0].split()[2] == "lora.r=2" and rows[1].split()[2] == "lora.r=4"
+    assert "0.1 [0.05, 0.2]" in rows[0]
+    assert fixed_overrides(recs) == "logger=none data.root=/very/long/path/to/the/data"
+    assert fixed_overrides(recs[:1]) == ""  # one trial: nothing to factor out

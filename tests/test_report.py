@@ -5,6 +5,7 @@ headless Chromium."""
 from __future__ import annotations
 
 import csv
+import html
 import os
 import re
 import shutil
@@ -156,6 +157,14 @@ def test_html_renders_offline_in_headless_chromium(handmade, capsys):
                          capture_output=True, text=True, timeout=180).stdout
     figs = _drawn_figures(dom)
     assert set(figs) == {"scatter", "parallel", "hypervolume", "cost"}, list(figs)
+    # the Markdown summary is rendered as a page: its headings and tables are elements, not source text
+    summary = dom[dom.index("<div class=\"summary\">"):dom.index("<section")]
+    md = (out / "report.md").read_text()
+    headings = [line.lstrip("#").strip() for line in md.splitlines() if line.startswith("## ")]
+    assert headings and all(f"<h2>{html.escape(h, quote=False)}</h2>" in summary for h in headings), headings
+    assert summary.count("<table>") == sum(1 for i, line in enumerate(md.splitlines()) if line.startswith("|---")
+                                           or line.startswith("| ---")) > 0
+    assert "<th>" in summary and "<code" in summary and "## " not in summary and "|---" not in summary
     for name, drawn in figs.items():
         assert 'class="main-svg"' in drawn, f"plotly drew no SVG for the {name} figure"
     traces = re.findall(r'<g class="trace scatter.*?(?=<g class="trace scatter|$)', figs["scatter"], re.S)
