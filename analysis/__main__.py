@@ -204,6 +204,31 @@ def _ratios(args: argparse.Namespace) -> int:
     return 0
 
 
+def _confirm(args: argparse.Namespace) -> int:
+    from analysis import confirm, report
+
+    data = _load(args.study, args.paths, args.storage)
+    summary = _summarize(data, args)
+    out = args.out.resolve() if args.out else default_out(f"{data.name}-confirm")
+    out.mkdir(parents=True, exist_ok=True)
+    command, link = confirm.plan(summary, out, args.seeds, args.top, args.test_file, args.examples, args.overrides)
+    print(f"confirming {', '.join(link['configurations'])} of {data.name} on {link['test_file']} with seeds "
+          f"{link['seeds']} as study {link['study']}:\n{link['command']}", flush=True)
+    if args.dry_run:
+        return 0
+    storage = None if args.paths else args.storage
+    code = confirm.run(command, storage)
+    if not (out / "sweep").is_dir():
+        raise ValueError(f"the confirmation sweep stopped before its first trial (exit {code}); its error is above")
+    confirmed = _load(None, [out / "sweep"], args.storage)
+    final = _summarize(confirmed, args)
+    written = _writing(out / "report", lambda: report.write(final, out / "report", pngs=not args.no_png))
+    print(written.markdown.read_text())
+    print(f"confirmation report: {written.html}\nlink to the study it confirms: {out / confirm.LINK_FILE}")
+    _warn_unreadable(confirmed)
+    return 0 if code == 0 else 1
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="on an error, show the Python traceback too")
@@ -222,6 +247,20 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--storage-b", help="storage of the second study, when it is elsewhere")
     cmp_.add_argument("--out", type=Path, help="output folder (default: reports/compare-A-B)")
     _summary_args(cmp_)
+    con = sub.add_parser("confirm", parents=[common],
+                         help="run a study's front again with several seeds on the held-out test split")
+    con.add_argument("paths", nargs="*", type=Path, help="sweep folders or result.json files (instead of the storage)")
+    con.add_argument("--study", help="study name (with paths: only that study's records)")
+    con.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
+    con.add_argument("--top", type=int, help="the K best feasible configurations by the first objective, "
+                                             "instead of the front")
+    con.add_argument("--test-file", help="the held-out file (default: the trials' data.test_file)")
+    con.add_argument("--examples", type=int, help="test examples to evaluate (default: the study's eval.num_examples)")
+    con.add_argument("--out", type=Path, help="folder (default: reports/<study>-confirm)")
+    con.add_argument("--dry-run", action="store_true", help="write the configs and print the command only")
+    con.add_argument("--override", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="an extra override for every confirmation trial, e.g. logger=none (repeatable)")
+    _summary_args(con)
     r = sub.add_parser("ratios", parents=[common], help="each setting's metrics as ratios to a reference setting")
     r.add_argument("paths", nargs="+", type=Path, help="sweep folders or result.json files")
     r.add_argument("--keys", nargs="+", required=True, help="the config keys the sweep varied")
@@ -236,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     prog = f"{parser.prog} {args.command}"
-    run = {"report": _report, "compare": _compare, "ratios": _ratios}[args.command]
+    run = {"report": _report, "compare": _compare, "ratios": _ratios, "confirm": _confirm}[args.command]
     if args.command != "ratios":
         import optuna
 

@@ -39,11 +39,13 @@ class TrialRow:
     record: dict[str, Any] | None = None
 
     def config_key(self) -> str:
-        """Identical configurations share this key (repeats of one setting are merged by it)."""
+        """Identical configurations share this key (repeats of one setting, with any seed, are merged by it)."""
         if self.record is not None and isinstance(self.record.get("config"), dict):
             config = {k: v for k, v in self.record["config"].items() if k not in _NOT_CONFIGURATION}
+            if isinstance(config.get("train"), dict):  # other seeds are repeats of one configuration
+                config["train"] = {k: v for k, v in config["train"].items() if k != "seed"}
         else:
-            config = {"params": self.params}
+            config = {"params": {k: v for k, v in self.params.items() if k != "train.seed"}}
         return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

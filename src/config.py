@@ -98,6 +98,11 @@ class Direction(StrEnum):
     minimize = "minimize"
 
 
+class EvalOn(StrEnum):
+    eval_file = "eval_file"
+    test_file = "test_file"
+
+
 class Decoder(StrEnum):
     fast = "fast"
     hf = "hf"
@@ -137,6 +142,8 @@ class DataConfig:
     root: str = MISSING
     train_file: str = MISSING
     eval_file: str = MISSING
+    test_file: str | None = MISSING
+    eval_on: EvalOn = MISSING
     id_field: str | None = MISSING
     source_field: str = MISSING
     summary_field: str = MISSING
@@ -342,12 +349,19 @@ def _check_model(m: DictConfig, errors: list[str]) -> None:
 def _check_data(d: DictConfig, errors: list[str]) -> None:
     from src.data import file_problem, split_paths
 
+    if d.eval_on == EvalOn.test_file and d.test_file is None:
+        errors.append("data.eval_on=test_file: data.test_file is not set; name the held-out file (data.test_file=...)")
+        return
     paths = split_paths(d)
-    for key, split in (("train_file", "train"), ("eval_file", "eval")):
+    evaluated = "test_file" if d.eval_on == EvalOn.test_file else "eval_file"
+    for key, split in (("train_file", "train"), (evaluated, "eval")):
         problem = file_problem(paths[split], key)  # missing, a directory, a FIFO, a symlink loop...
         if problem:
             errors.append(f"data.{key}: {problem}")
     _range(errors, "data.max_train_examples", d.max_train_examples, 1, allow_none=True)
+    if d.test_file is not None and d.test_file in (d.train_file, d.eval_file):
+        errors.append(f"data.test_file: '{d.test_file}' is also the train or eval file; the test split must "
+                      "be held out from the search (python -m analysis confirm evaluates on it), so give another file")
     try:
         d.instruction.format(header="X")
     except (KeyError, IndexError, ValueError) as exc:

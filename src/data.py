@@ -194,7 +194,9 @@ def split_paths(dcfg: Any) -> dict[str, Path]:
     except (RuntimeError, OSError):  # Python 3.11 reports a symlink loop as RuntimeError
         raise DataError(f"data.root: {dcfg.root} is a symlink loop; point data.root (or PARETUNE_DATA_DIR) "
                         "at the real folder") from None
-    return {"train": root / dcfg.train_file, "eval": root / dcfg.eval_file}
+    # data.eval_on=test_file: the held-out test split is what this trial evaluates on (analysis confirm).
+    evaluated = dcfg.test_file if str(dcfg.get("eval_on", "eval_file")) == "test_file" else dcfg.eval_file
+    return {"train": root / dcfg.train_file, "eval": root / evaluated}
 
 
 def check_files(dcfg: Any, eval_examples: int | None = None) -> dict[str, int]:
@@ -206,7 +208,8 @@ def check_files(dcfg: Any, eval_examples: int | None = None) -> dict[str, int]:
     paths = split_paths(dcfg)
     counts = {split: len(load_records(p, dcfg)) for split, p in paths.items()}
     if eval_examples is not None and eval_examples > counts["eval"]:
-        raise DataError(f"eval.num_examples={eval_examples}, but {paths['eval']} (data.eval_file) has only "
+        key = "data.test_file" if str(dcfg.get("eval_on", "eval_file")) == "test_file" else "data.eval_file"
+        raise DataError(f"eval.num_examples={eval_examples}, but {paths['eval']} ({key}) has only "
                         f"{counts['eval']} records; set eval.num_examples={counts['eval']} or less, or "
                         "use a larger eval file")
     return counts

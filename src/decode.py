@@ -45,18 +45,18 @@ class Decoded:
 
 def supported(model: Any) -> bool:
     """Whether this path can drive ``model``: a decoder body and a vocabulary head, and only plain
-    full-attention cache layers (rewinding a sliding-window layer would lose states)."""
-    from transformers import StaticCache
-    from transformers.cache_utils import StaticLayer
-
-    parts = _body_and_head(model)
-    if parts is None:
+    full-attention cache layers (a fork of a sliding-window layer would lose states). Older
+    transformers (the ipex-llm environment's 4.x) have no per-layer static cache: reference path."""
+    if _body_and_head(model) is None:
         return False
     try:
+        from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
+
         cache = StaticCache(config=_base(model).config, max_cache_len=8)
-    except Exception:  # noqa: BLE001 - a config StaticCache cannot describe: use the reference path
+        return all(type(layer) is StaticLayer for layer in cache.layers)
+    except Exception:  # noqa: BLE001 - anything this version or config cannot do: use the reference path
         return False
-    return all(type(layer) is StaticLayer for layer in cache.layers)
 
 
 def _base(model: Any) -> Any:

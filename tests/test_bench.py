@@ -111,3 +111,22 @@ def test_ablation_prints_every_variant_against_the_plain_path(data_root, cache_d
     assert [r.split(" | ")[0].lstrip("| ") for r in rows] == list(VARIANTS)
     assert rows[0].endswith("| 1.00x |")
     assert "aten::mm" in proc.stdout and "Self CPU" in proc.stdout  # the profile of our loop's step
+
+
+def test_eval_speed_runs_both_decoders_interleaved_and_writes_the_readme_block(tmp_path, data_root, cache_dir):
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n<!-- ratios:eval_speed:begin -->\nold\n<!-- ratios:eval_speed:end -->\nafter\n")
+    out = tmp_path / "eval_speed.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.eval_speed", "--rounds", "2", "--examples", "3",
+                           "--hf-batch-size", "2", "--out", str(out), "--readme", str(readme),
+                           *TINY, "eval.max_new_tokens=6", f"data.root={data_root}", f"paths.cache_dir={cache_dir}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [len(report["runs"][d]) for d in ("hf", "fast")] == [2, 2]
+    assert report["identical_summaries"] == 3 and report["batch_size"]["hf"] == 2
+    losses = {round(r["eval_loss"], 5) for d in ("hf", "fast") for r in report["runs"][d]}
+    assert len(losses) == 1  # both decoders, every round: one eval loss
+    text = readme.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
+    assert "| generation tokens/s |" in text and "3/3 generated summaries identical" in text

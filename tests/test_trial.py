@@ -107,6 +107,8 @@ def test_wandb_offline_files_hold_the_metrics_and_no_dataset_text(wandb_sweep):
         logged = {**r.metrics, **r.baseline, **r.gains}
         for name in ("eval/rougeL", "eval/bertscore_f1", "cost/train_s", "baseline/rougeL", "gain/rougeL"):
             assert json.loads(summary[name]) == pytest.approx(logged[name])
+        for name in ("eval/rougeL", "gain/rougeL", "eval/loss"):  # the intervals ride along in the summary
+            assert json.loads(summary[M.interval_name(name)]) == pytest.approx(r.intervals[name])
         config = wandb_reader.config(recs)
         assert json.loads(config["lora"])["r"] == r.config["lora"]["r"]
         assert json.loads(config["trial"])["id"] == r.trial["id"]
