@@ -16,7 +16,8 @@ eval loss. Here:
   continues from the prompt's last state. The loss no longer pays a second pass over the prompt;
 - the vocabulary head runs only where a logit is used (reference positions, each row's last token).
 Models this cannot drive (no separable decoder/head, or a cache layer that is not plain full
-attention, such as sliding-window layers) take the reference path, so any causal LM still evaluates.
+attention, such as sliding-window layers), and evaluation under bf16 autocast, take the reference
+path, so any causal LM in any precision still evaluates.
 """
 
 from __future__ import annotations
@@ -45,9 +46,14 @@ class Decoded:
 
 def supported(model: Any) -> bool:
     """Whether this path can drive ``model``: a decoder body and a vocabulary head, and only plain
-    full-attention cache layers (a fork of a sliding-window layer would lose states). Older
+    full-attention cache layers (a fork of a sliding-window layer would lose states), outside CPU
+    autocast. Older
     transformers (the ipex-llm environment's 4.x) have no per-layer static cache: reference path."""
     if _body_and_head(model) is None:
+        return False
+    # Under CPU autocast (cpu.dtype=bf16) rotary embeddings leave keys in fp32 and values in bf16;
+    # StaticCache allocates both in the keys' dtype and then refuses the values.
+    if torch.is_autocast_enabled("cpu"):
         return False
     try:
         from transformers import StaticCache

@@ -287,8 +287,8 @@ def _evaluate(t: Trial, net: Any, inputs: Inputs) -> tuple[dict[str, float], flo
     t.run["eval_model"] = ("merged into " if merge else "adapter on ") + base
     if cfg.eval.merge_adapter and not merge:
         t.run["eval_model"] += f" ({t.run['quant']['backend']} cannot merge LoRA into its layers)"
-    t.run["eval_decoder"] = evaluate.decoder_for(net, str(cfg.eval.decoder))
     with _precision(cfg.cpu.dtype):  # evaluated in the precision it was trained and would be served in
+        t.run["eval_decoder"] = evaluate.decoder_for(net, str(cfg.eval.decoder))  # autocast decides too
         scores, rows = _score(t, net, inputs, t.timings)
     eval_s = time.perf_counter() - t0
     if any("prediction" in row for row in rows):

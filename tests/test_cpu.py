@@ -161,6 +161,7 @@ def test_defaults_and_bf16_and_jemalloc_in_the_worker(tmp_path, data_root, cache
     c = record["cpu"]
     assert c["allocator"] == "jemalloc" and c["dtype"] == "bf16"
     assert c["autocast_in_training"] == "bfloat16"
+    assert record["run"]["eval_decoder"] == "hf"  # the static cache cannot hold autocast's mixed dtypes
     assert c["torch_threads"] == len(os.sched_getaffinity(0)) and "LD_PRELOAD" in c["env"]
     assert c["aten_cpu_capability"] == hw_capability()
     flags = hw.cpu_flags()

@@ -125,3 +125,14 @@ def test_models_the_fast_decoder_cannot_drive_take_the_reference_path():
                                            num_attention_heads=4, intermediate_size=64,
                                            layer_types=["sliding_attention", "full_attention"], sliding_window=8))
     assert not decode.supported(sliding)  # rewinding or forking a sliding window would lose states
+
+
+def test_under_bf16_autocast_evaluation_takes_the_reference_path():
+    """cpu.dtype=bf16: autocast leaves keys fp32 and values bf16, which a static cache cannot hold."""
+    model, examples = _model(5), _examples(4, seed=5)
+    examples = [Example(ex.id, ex.prompt_ids, ex.target_ids, "w1", False) for ex in examples]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert evaluate.decoder_for(model, "fast") == "hf"
+        scores, rows = evaluate.evaluate(model, _Tok(), examples, _ecfg("fast"), PAD, VOCAB + 1, 2)
+    assert len(rows) == 4 and scores["eval/loss"] > 0
+    assert evaluate.decoder_for(model, "fast") == "fast"  # outside autocast: the fast path again
