@@ -325,7 +325,8 @@ def _account(t: Trial, stats: Any, scores: dict[str, float], eval_s: float, mete
 
     # Worker wall time without the shared baseline: process start, load, train, eval, saving.
     total_s = time.perf_counter() - t.started - t.timings["baseline_s"]
-    money, t.cost_info = cost.price(total_s, meter.stop_wh(), t.cfg.cost)
+    money, priced = cost.price(total_s, meter.stop_wh(), t.cfg.cost)
+    t.cost_info.update(priced)  # beside the interference measured during training and evaluation
     t.metrics = {
         M.TRAIN_LOSS: stats.final_loss, M.TRAIN_TOKENS_PER_S: stats.tokens_per_s,
         M.TRAIN_STEPS: float(stats.steps), M.TRAIN_TOKENS: float(stats.tokens),

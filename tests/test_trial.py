@@ -58,6 +58,9 @@ def test_sweep_records_one_complete_result_per_trial(wandb_sweep):
         assert r.metrics[M.TRAIN_STEPS] == 3 and r.metrics[M.TRAIN_TOKENS] > 0
         assert 0 <= r.metrics["eval/rougeL"] <= 1 and r.metrics[M.COST_PEAK_RSS_MB] > 100
         assert r.metrics[M.COST_USD] > 0 and r.cost_info["energy_source"]
+        shares = r.cost_info["interference"]
+        assert set(shares["train"]) >= {"others_cpu_share", "steal_share", "busy", "own_cpu_s"}
+        assert r.metrics[M.COST_OTHERS_CPU_SHARE] == shares["others_cpu_share"]
         assert r.data["splits"]["train"]["used"] == 6 and r.data["splits"]["eval"]["used"] == 2
         assert r.cpu["torch_threads"] >= 1 and r.cpu["allocator"] == "system"
         assert r.environment["packages"]["torch"].startswith("2.13.0")
