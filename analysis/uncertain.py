@@ -71,7 +71,7 @@ def compare(a: Candidate, b: Candidate, objectives: Sequence[tuple[str, str]], t
         diff = a.values[k] - b.values[k]
         pa, pb = a.per_example.get(name), b.per_example.get(name)
         shared = sorted(set(pa) & set(pb)) if pa and pb else []
-        if shared:
+        if pa and pb and shared:
             w = [a.weights.get(i, 1.0) for i in shared] if name == M.EVAL_LOSS else None
             lo, hi = interval([pa[i] for i in shared], w, seed, baseline=[pb[i] for i in shared])
             a_better = sign * lo > tolerance if sign > 0 else sign * hi > tolerance

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from src.data import Example
-from src.loop import _body_and_head
+from src.loop import body_and_head
 
 
 @dataclass
@@ -49,7 +49,7 @@ def supported(model: Any) -> bool:
     full-attention cache layers (a fork of a sliding-window layer would lose states), outside CPU
     autocast. Older
     transformers (the ipex-llm environment's 4.x) have no per-layer static cache: reference path."""
-    if _body_and_head(model) is None:
+    if body_and_head(model) is None:
         return False
     # Under CPU autocast (cpu.dtype=bf16) rotary embeddings leave keys in fp32 and values in bf16;
     # StaticCache allocates both in the keys' dtype and then refuses the values.
@@ -76,7 +76,8 @@ def _fork(cache: Any, rows: torch.Tensor, width: int, config: Any, room: int) ->
     from transformers import StaticCache
 
     fork = StaticCache(config=config, max_cache_len=width + room)
-    for src, dst in zip(cache.layers, fork.layers, strict=True):
+    layers: list[tuple[Any, Any]] = list(zip(cache.layers, fork.layers, strict=True))  # Any: static layers only
+    for src, dst in layers:
         dst.update(src.keys[rows, :, :width], src.values[rows, :, :width])
     return fork
 
@@ -95,7 +96,10 @@ PREFILL_GROUP = 4
 @torch.no_grad()
 def run(model: Any, examples: list[Example], max_new_tokens: int, batch_size: int, pad_id: int,
         eos_id: int, with_loss: bool, with_generation: bool) -> Decoded:
-    body, head = _body_and_head(model)
+    parts = body_and_head(model)
+    if parts is None:
+        raise ValueError("the fast decoder needs a model with a separate body and head; check supported() first")
+    body, head = parts
     config = _base(model).config
     was_caching = config.use_cache
     config.use_cache = True
@@ -148,27 +152,29 @@ def _prefill(body: Any, config: Any, batch: list[Example], pad_id: int, room: in
     mask = torch.zeros((len(batch), width + room), dtype=torch.long)
     for j, ex in enumerate(batch):
         mask[j, width - len(ex.prompt_ids):width] = 1
-    parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+    states: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
     last = []
     for group in _batches(list(range(len(batch))), PREFILL_GROUP):
         w = max(len(batch[j].prompt_ids) for j in group)
         ids = torch.full((len(group), w), pad_id, dtype=torch.long)
-        for k, j in enumerate(group):
-            ids[k, w - len(batch[j].prompt_ids):] = torch.tensor(batch[j].prompt_ids)
+        for r, j in enumerate(group):
+            ids[r, w - len(batch[j].prompt_ids):] = torch.tensor(batch[j].prompt_ids)
         part_mask = mask[group, width - w:width]
         cache = StaticCache(config=config, max_cache_len=w)
         hidden = body(input_ids=ids, attention_mask=part_mask, position_ids=_positions(part_mask),
                       past_key_values=cache, cache_position=torch.arange(w), use_cache=True).last_hidden_state
         last.append(hidden[:, -1])
-        parts.append([(layer.keys, layer.values) for layer in cache.layers])
+        layers: list[Any] = list(cache.layers)  # static layers (supported() checked): keys and values set
+        states.append([(layer.keys, layer.values) for layer in layers])
     cache = StaticCache(config=config, max_cache_len=width + room)
-    for i, layer in enumerate(cache.layers):
-        k0, v0 = parts[0][i]
+    full: list[Any] = list(cache.layers)
+    for i, layer in enumerate(full):
+        k0, v0 = states[0][i]
         keys = k0.new_zeros((len(batch), k0.shape[1], width, k0.shape[3]))
         values = v0.new_zeros((len(batch), v0.shape[1], width, v0.shape[3]))
         row = 0
-        for part in parts:
-            k, v = part[i]
+        for state in states:
+            k, v = state[i]
             keys[row:row + len(k), :, width - k.shape[2]:] = k
             values[row:row + len(v), :, width - v.shape[2]:] = v
             row += len(k)

@@ -173,7 +173,8 @@ def _loss_and_generation(model: Any, tokenizer: Any, examples: list[Example], ec
 
     if decoder_for(model, str(ecfg.decoder)) == "fast":
         d = decode.run(model, examples, ecfg.max_new_tokens, ecfg.batch_size, pad_id, eos_id, with_loss, with_gen)
-        losses = list(zip(d.loss_sums, d.loss_counts, strict=True)) if with_loss else None
+        losses = (list(zip(d.loss_sums, d.loss_counts, strict=True))
+                  if with_loss and d.loss_sums is not None and d.loss_counts is not None else None)
         gen = None
         if with_gen:
             texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in d.tokens]
@@ -195,10 +196,10 @@ def _loss_and_generation(model: Any, tokenizer: Any, examples: list[Example], ec
 @torch.no_grad()
 def _losses_batched(model: Any, examples: list[Example], batch_size: int, pad_id: int) -> list[tuple[float, int]]:
     """Summed cross-entropy and token count per example, from batched teacher-forced passes."""
-    from src.loop import _body_and_head
+    from src.loop import body_and_head
 
     out: list[tuple[float, int]] = []
-    parts = _body_and_head(model)
+    parts = body_and_head(model)
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         batch = collate(chunk, pad_id)

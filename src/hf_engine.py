@@ -67,6 +67,7 @@ def train(model: Any, tokenizer: Any, examples: list[Example], tcfg: Any, out_di
             stats.steps, stats.tokens, stats.train_s = state.global_step, self.tokens_seen, now - self.start
             stats.step_s.append(dt)
             stats.step_tokens.append(tokens)
+            stats.step_end.append(now)
             if tcfg.time_budget_s is not None and stats.train_s >= tcfg.time_budget_s and state.global_step < steps:
                 stats.stopped_by = "time_budget"
                 control.should_training_stop = True

@@ -10,9 +10,11 @@ apart from ``snapshot``.
 
 from __future__ import annotations
 
+import bisect
 import os
 import resource
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,9 @@ from typing import Any
 # the hypervisor stole more than this share of their time.
 BUSY_OTHERS_SHARE = 0.10
 BUSY_STEAL_SHARE = 0.05
+# Fewer quiet steps than this say too little about the configuration's speed: the median of all
+# steps is used instead.
+MIN_QUIET_STEPS = 3
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,8 @@ def between(a: Snapshot, b: Snapshot) -> dict[str, Any]:
     machine's CPU time that other processes used, the share stolen by the hypervisor, and ``busy``."""
     wall = max(b.wall_s - a.wall_s, 1e-9)
     out: dict[str, Any] = {"wall_s": wall, "own_cpu_s": b.own_cpu_s - a.own_cpu_s, "cpus": b.cpus}
-    if None in (a.busy_s, b.busy_s, a.total_s, b.total_s):
+    if (a.busy_s is None or b.busy_s is None or a.total_s is None or b.total_s is None
+            or a.steal_s is None or b.steal_s is None):
         out.update(others_cpu_share=None, steal_share=None, busy=None)
         return out
     total = max(b.total_s - a.total_s, 1e-9)
@@ -76,12 +82,65 @@ def between(a: Snapshot, b: Snapshot) -> dict[str, Any]:
     return out
 
 
-def robust_train_s(step_s: list[float], step_tokens: list[int]) -> float | None:
+class Sampler:
+    """Snapshots taken every ``interval_s`` on a background thread while a stage runs, so that each
+    training step can be told apart as quiet or shared (a step lasts seconds; reading /proc/stat takes
+    microseconds). Used as a context manager; ``samples`` holds the snapshots in time order."""
+
+    def __init__(self, interval_s: float = 0.25, stat: Path = Path("/proc/stat")) -> None:
+        self.interval_s, self.stat = interval_s, stat
+        self.samples: list[Snapshot] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="interference-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.samples.append(snapshot(self.stat))
+
+    def __enter__(self) -> Sampler:
+        self.samples.append(snapshot(self.stat))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(snapshot(self.stat))
+
+
+def step_shares(samples: list[Snapshot], step_end: list[float], step_s: list[float]) -> list[float | None]:
+    """Other processes' share of the machine (others' CPU plus steal) during each step, from the
+    samples that enclose it (the last one at or before its start, the first at or after its end).
+    None where the samples do not cover the step or /proc/stat was unreadable."""
+    walls = [s.wall_s for s in samples]
+    out: list[float | None] = []
+    for end, dt in zip(step_end, step_s, strict=True):
+        i = bisect.bisect_right(walls, end - dt) - 1
+        j = bisect.bisect_left(walls, end)
+        if i < 0 or j >= len(samples) or i >= j:
+            out.append(None)
+            continue
+        b = between(samples[i], samples[j])
+        out.append(None if b["others_cpu_share"] is None else b["others_cpu_share"] + b["steal_share"])
+    return out
+
+
+def quiet_steps(shares: list[float | None]) -> list[bool]:
+    """Steps during which others used at most BUSY_OTHERS_SHARE of the machine."""
+    return [s is not None and s <= BUSY_OTHERS_SHARE for s in shares]
+
+
+def robust_train_s(step_s: list[float], step_tokens: list[int], quiet: list[bool] | None = None) -> float | None:
     """Training seconds at the trial's median seconds per token, times its tokens: what the loop would
-    have taken had every step run at its typical speed. A neighbour that slows some steps (fewer than
-    half) moves the median little, where it adds its whole slowdown to the wall time; the per-token
-    rate keeps long and short length-grouped batches comparable."""
-    rates = [s / t for s, t in zip(step_s, step_tokens, strict=True) if t > 0]
-    if not rates:
+    have taken had every step run at its typical speed on a quiet machine. The median is taken over
+    the quiet steps when at least MIN_QUIET_STEPS of them were measured (a neighbour slows a step, it
+    never speeds one up, so the quiet steps are the configuration's own speed however many steps the
+    neighbour covered); else over all steps, which resists a neighbour that slowed fewer than half of
+    them. The per-token rate keeps long and short length-grouped batches comparable."""
+    pairs = [(s / t, q) for s, t, q in zip(step_s, step_tokens, quiet or [True] * len(step_s), strict=True)
+             if t > 0]
+    if not pairs:
         return None
+    quiet_rates = [r for r, q in pairs if q]
+    rates = quiet_rates if len(quiet_rates) >= MIN_QUIET_STEPS else [r for r, _ in pairs]
     return statistics.median(rates) * sum(step_tokens)

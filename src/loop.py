@@ -36,6 +36,7 @@ class TrainStats:
     losses: list[float] = field(default_factory=list)
     step_s: list[float] = field(default_factory=list)       # wall seconds of each optimizer step
     step_tokens: list[int] = field(default_factory=list)    # real tokens of each optimizer step
+    step_end: list[float] = field(default_factory=list)     # time.perf_counter() at each step's end
 
     @property
     def final_loss(self) -> float:
@@ -103,7 +104,7 @@ def batches(examples: list[Example], batch_size: int, seed: int, by_length: bool
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
-def _body_and_head(model: Any) -> tuple[Any, Any] | None:
+def body_and_head(model: Any) -> tuple[Any, Any] | None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     if config is None or any(getattr(config, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS):
@@ -126,7 +127,7 @@ def target_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     dialogue-to-summary task most positions are prompt, so this saves most of the head's matmuls and the
     largest activation of the step. Models without a separable body/head take the plain path.
     """
-    parts = _body_and_head(model)
+    parts = body_and_head(model)
     if parts is None:
         return model(**batch).loss
     body, head = parts
@@ -175,7 +176,9 @@ def train(model: Any, examples: list[Example], tcfg: Any, pad_id: int,
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
+        end = time.perf_counter()
+        dt = end - t0
+        stats.step_end.append(end)
         stats.steps, stats.tokens = step, stats.tokens + step_tokens
         stats.losses.append(step_loss)
         stats.step_s.append(dt)

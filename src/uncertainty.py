@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from src import metrics as M
+
+if TYPE_CHECKING:
+    import numpy as np
 
 RESAMPLES = 2000
 LEVEL = 0.95
 
 
-def _quantile(sorted_values: Sequence[float], q: float) -> float:
+def _quantile(sorted_values: Sequence[float] | np.ndarray, q: float) -> float:
     """Linear interpolation between order statistics (numpy's default)."""
     pos = q * (len(sorted_values) - 1)
     lo, hi = math.floor(pos), math.ceil(pos)
@@ -70,7 +74,7 @@ def record_intervals(rows: list[dict[str, float]], baseline_rows: list[dict[str,
         values = [float(r[name]) for r in rows]
         weights = [float(r[M.EVAL_LOSS_TOKENS]) for r in rows] if name == M.EVAL_LOSS else None
         out[name] = list(interval(values, weights, seed))
-        paired = [base_by_id.get(r["id"], {}).get(name) for r in rows]
-        if baseline_rows and all(v is not None for v in paired):
+        paired = [base_by_id[r["id"]][name] for r in rows if name in base_by_id.get(r["id"], {})]
+        if baseline_rows and len(paired) == len(rows):
             out[M.gain_name(name)] = list(interval(values, weights, seed, baseline=[float(v) for v in paired]))
     return out

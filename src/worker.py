@@ -171,16 +171,15 @@ def run(t: Trial) -> None:
     _seed(t.cfg.train.seed)
     with t.timed("setup"):  # quantizing, attaching LoRA
         net = _trainable(t, net)
-    before_train = interference.snapshot()
-    stats = _train(t, net, inputs)
-    after_train = interference.snapshot()
+    with interference.Sampler() as sampler:  # its first and last snapshots enclose training
+        stats = _train(t, net, inputs)
     with t.timed("save"):
         net.save_pretrained(t.trial_dir / ADAPTER_DIR)
         t.artifacts["adapter"] = ADAPTER_DIR
     before_eval = interference.snapshot()
     scores, eval_s = _evaluate(t, net, inputs)
     after_eval = interference.snapshot()
-    t.cost_info["interference"] = _interference(before_train, after_train, before_eval, after_eval)
+    t.cost_info["interference"] = _interference(stats, sampler.samples, before_eval, after_eval)
     _account(t, stats, scores, eval_s, meter)
 
 
@@ -304,12 +303,16 @@ def _evaluate(t: Trial, net: Any, inputs: Inputs) -> tuple[dict[str, float], flo
     return scores, eval_s
 
 
-def _interference(*snaps: Any) -> dict[str, Any]:
+def _interference(stats: Any, train_samples: list[Any], *eval_snaps: Any) -> dict[str, Any]:
     """Other processes' share of the machine while this trial trained and evaluated, each stage and
-    both together (seconds-weighted); ``busy`` flags costs measured while the machine was shared."""
+    both together (seconds-weighted); ``busy`` flags costs measured while the machine was shared.
+    Training also gets each step's share and which steps were quiet (what cost/train_s_robust uses)."""
     from src import interference
 
-    train, evaluation = interference.between(*snaps[:2]), interference.between(*snaps[2:])
+    train, evaluation = interference.between(train_samples[0], train_samples[-1]), interference.between(*eval_snaps)
+    shares = interference.step_shares(train_samples, stats.step_end, stats.step_s)
+    train["step_others_share"] = [None if x is None else round(x, 4) for x in shares]
+    train["quiet_steps"] = sum(interference.quiet_steps(shares))
     out: dict[str, Any] = {"train": train, "eval": evaluation}
     if train["others_cpu_share"] is not None and evaluation["others_cpu_share"] is not None:
         wall = train["wall_s"] + evaluation["wall_s"]
@@ -326,13 +329,15 @@ def _account(t: Trial, stats: Any, scores: dict[str, float], eval_s: float, mete
     # Worker wall time without the shared baseline: process start, load, train, eval, saving.
     total_s = time.perf_counter() - t.started - t.timings["baseline_s"]
     money, priced = cost.price(total_s, meter.stop_wh(), t.cfg.cost)
+    shares = t.cost_info.get("interference", {}).get("train", {}).get("step_others_share")
+    quiet = interference.quiet_steps(shares) if shares is not None else None
     t.cost_info.update(priced)  # beside the interference measured during training and evaluation
     t.metrics = {
         M.TRAIN_LOSS: stats.final_loss, M.TRAIN_TOKENS_PER_S: stats.tokens_per_s,
         M.TRAIN_STEPS: float(stats.steps), M.TRAIN_TOKENS: float(stats.tokens),
         **scores,
         M.COST_TRAIN_S: stats.train_s, M.COST_EVAL_S: eval_s, M.COST_TOTAL_S: total_s,
-        M.COST_TRAIN_S_ROBUST: interference.robust_train_s(stats.step_s, stats.step_tokens) or stats.train_s,
+        M.COST_TRAIN_S_ROBUST: interference.robust_train_s(stats.step_s, stats.step_tokens, quiet) or stats.train_s,
         M.COST_PEAK_RSS_MB: cost.peak_rss_mb(), M.COST_ADAPTER_MB: cost.dir_size_mb(t.trial_dir / ADAPTER_DIR),
         **money,
     }

@@ -130,3 +130,37 @@ def test_eval_speed_runs_both_decoders_interleaved_and_writes_the_readme_block(t
     text = readme.read_text()
     assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
     assert "| generation tokens/s |" in text and "3/3 generated summaries identical" in text
+
+
+def test_interference_summary_is_the_spread_of_each_time_over_the_runs():
+    from bench import interference
+
+    runs = {"idle": [{M.COST_TRAIN_S: 100.0, M.COST_TRAIN_S_ROBUST: 98.0},
+                     {M.COST_TRAIN_S: 110.0, M.COST_TRAIN_S_ROBUST: 102.0}],
+            "busy": [{M.COST_TRAIN_S: 150.0, M.COST_TRAIN_S_ROBUST: 100.0}]}
+    s = interference.summarize(runs)
+    assert s["all"][M.COST_TRAIN_S] == {"median": 110.0, "min": 100.0, "max": 150.0, "spread": 50 / 110}
+    assert s["all"][M.COST_TRAIN_S_ROBUST]["spread"] == pytest.approx(4 / 100)
+    assert s["busy"][M.COST_TRAIN_S]["spread"] == 0.0 and set(s) == {"idle", "busy", "all"}
+
+
+def test_interference_bench_runs_idle_and_busy_trials_and_writes_the_readme_block(tmp_path, data_root, cache_dir):
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n<!-- ratios:interference:begin -->\nold\n<!-- ratios:interference:end -->\nafter\n")
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "bench.interference", "--rounds", "1", "--start-after", "0.5",
+                           "--out", str(out), "--readme", str(readme), *TINY, "train.max_steps=8", "logger=none",
+                           f"data.root={data_root}", f"paths.cache_dir={cache_dir}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "interference.json").read_text())
+    assert report["competitor_after_steps"] == 4 and report["max_steps"] == 8
+    idle, busy = report["runs"]["idle"][0], report["runs"]["busy"][0]
+    assert idle["competitor_started_after_step"] is None and busy["competitor_started_after_step"] >= 4
+    for row in (idle, busy):
+        assert row["steps"] == 8 and 0 <= row["quiet_steps"] <= 8
+        assert row[M.COST_TRAIN_S] > 0 and row[M.COST_TRAIN_S_ROBUST] > 0
+    assert (out / "idle-1").is_dir() and (out / "busy-1").is_dir()
+    text = readme.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
+    assert "| all |" in text and "cost/train_s_robust" in text

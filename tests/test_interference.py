@@ -67,3 +67,39 @@ def test_robust_train_time_ignores_steps_a_neighbour_slowed():
     assert sum(slowed) > 1.4 * sum(quiet)
     assert I.robust_train_s(slowed, tokens) == pytest.approx(sum(quiet))
     assert I.robust_train_s([], []) is None
+
+
+def test_a_neighbour_covering_most_steps_is_seen_through_the_quiet_steps():
+    """A neighbour that slowed 5 of 7 steps moves the plain median; the quiet steps do not move."""
+    tokens = [1000, 2000, 1000, 3000, 1000, 2000, 1000]
+    quiet_s = [t / 200 for t in tokens]
+    slowed = [s * (1.8 if i >= 2 else 1.0) for i, s in enumerate(quiet_s)]
+    assert I.robust_train_s(slowed, tokens) > 1.5 * sum(quiet_s)       # no step is known quiet: median of all
+    mask = [i < 2 for i in range(7)]
+    assert I.robust_train_s(slowed, tokens, mask) > 1.5 * sum(quiet_s)  # 2 quiet steps are too few to trust
+    mask = [i < 3 or i == 6 for i in range(7)]
+    slowed[6] = quiet_s[6]
+    assert I.robust_train_s(slowed, tokens, mask) == pytest.approx(sum(quiet_s))
+
+
+def test_each_step_gets_the_share_of_the_samples_around_it():
+    # Samples each second on 2 CPUs (2 CPU-s per second); ours used 1 CPU-s per second throughout,
+    # another process used the second CPU from t=4 to t=8.
+    busy = [0, 1, 2, 3, 4, 6, 8, 10, 12, 13, 14]
+    samples = [_snap(t, busy[t], 0, 2 * t, t) for t in range(11)]
+    step_end, step_s = [2.0, 4.0, 6.0, 8.0, 10.0, 12.0], [2.0, 2.0, 2.0, 2.0, 2.0, 2.0]
+    shares = I.step_shares(samples, step_end, step_s)
+    assert shares[:5] == pytest.approx([0.0, 0.0, 0.5, 0.5, 0.0]) and shares[5] is None  # past the last sample
+    assert I.quiet_steps(shares) == [True, True, False, False, True, False]
+    # A step between two samples is measured over the samples that enclose it.
+    assert I.step_shares(samples, [5.5], [1.0]) == pytest.approx([0.5])
+    steal = [_snap(t, t, t, 2 * t + t, t) for t in range(3)]  # a third of the time stolen by the hypervisor
+    assert I.step_shares(steal, [2.0], [2.0]) == pytest.approx([1 / 3])
+
+
+def test_the_sampler_brackets_what_it_measures():
+    with I.Sampler(interval_s=0.01) as sampler:
+        time.sleep(0.1)
+    walls = [s.wall_s for s in sampler.samples]
+    assert len(walls) >= 3 and walls == sorted(walls)
+    assert not sampler._thread.is_alive()

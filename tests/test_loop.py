@@ -128,7 +128,7 @@ def test_target_loss_equals_the_models_own_loss_and_gradients():
     net.zero_grad(set_to_none=True)
     fast = loop.target_loss(net, batch)
     fast.backward()
-    assert loop._body_and_head(net) is not None  # the fast path was taken
+    assert loop.body_and_head(net) is not None  # the fast path was taken
     assert fast.item() == pytest.approx(reference.item(), rel=1e-6)
     for k, p in net.named_parameters():
         if p.requires_grad:
@@ -165,7 +165,7 @@ def test_models_with_transformed_logits_take_the_plain_path(model_cls, config_cl
                                                       labels[keep]).item()
     assert abs(untransformed - own) > 1.0, (untransformed, own)  # the transform matters on this model
     assert loop.target_loss(net, batch).item() == pytest.approx(own, rel=1e-6)
-    assert loop._body_and_head(net) is None  # the plain path was taken
+    assert loop.body_and_head(net) is None  # the plain path was taken
 
 
 def _padding(examples, batch_size, by_length):

@@ -61,6 +61,9 @@ def test_sweep_records_one_complete_result_per_trial(wandb_sweep):
         shares = r.cost_info["interference"]
         assert set(shares["train"]) >= {"others_cpu_share", "steal_share", "busy", "own_cpu_s"}
         assert r.metrics[M.COST_OTHERS_CPU_SHARE] == shares["others_cpu_share"]
+        assert len(shares["train"]["step_others_share"]) == 3  # one per step: which were quiet
+        assert 0 <= shares["train"]["quiet_steps"] <= 3
+        assert 0 < r.metrics[M.COST_TRAIN_S_ROBUST] <= 2 * r.metrics[M.COST_TRAIN_S]
         assert r.data["splits"]["train"]["used"] == 6 and r.data["splits"]["eval"]["used"] == 2
         assert r.cpu["torch_threads"] >= 1 and r.cpu["allocator"] == "system"
         assert r.environment["packages"]["torch"].startswith("2.13.0")
