@@ -207,8 +207,9 @@ def summarize(data: StudyData, constraints: list[Constraint], tolerance: float =
     feasible = [g for g in groups if g.feasible]
     directions = [d for _, d in data.objectives]
     cands = _candidates(feasible)
-    if cands is not None:
-        front = [feasible[i] for i in uncertain.front(cands, data.objectives, tolerance)]
+    table = uncertain.Comparisons(cands, data.objectives, tolerance) if cands is not None else None
+    if table is not None:
+        front = [feasible[i] for i in uncertain.front(table)]
     else:
         front = [feasible[i] for i in pareto.pareto_indices([g.values for g in feasible], directions)]
     front.sort(key=lambda g: (g.values[0] * (-1 if directions[0] == "maximize" else 1), g.numbers[0]))
@@ -221,11 +222,12 @@ def summarize(data: StudyData, constraints: list[Constraint], tolerance: float =
         notes.append("no completed configuration satisfies every constraint: nothing to recommend")
     ties: list[list[Group]] = []
     separation = None
-    if cands is not None and front:
-        cheapest = _cheapest_not_worse(feasible, cands, data.objectives, quality_axis, cost_metric, tolerance)
-        front_cands = [cands[feasible.index(g)] for g in front]
-        ties = [[front[i] for i in tie] for tie in uncertain.indistinguishable(front_cands, data.objectives, tolerance)]
-        separation = _separation(front, front_cands, data.objectives, quality_axis, tolerance)
+    if table is not None and front:
+        cheapest = _cheapest_not_worse(feasible, table, quality_axis, cost_metric, tolerance)
+        at = {id(g): i for i, g in enumerate(feasible)}  # the front's groups as candidate indices
+        on_front = [at[id(g)] for g in front]
+        ties = [[feasible[i] for i in tie] for tie in uncertain.indistinguishable(table, on_front)]
+        separation = _separation(feasible, table, on_front, quality_axis)
     else:
         cheapest = _cheapest(feasible, quality_axis, cost_metric, tolerance)
     if cheapest is not None:
@@ -261,13 +263,13 @@ def _candidates(groups: list[Group]) -> list[uncertain.Candidate] | None:
     return out
 
 
-def _cheapest_not_worse(feasible: list[Group], cands: list[uncertain.Candidate], objectives: list[tuple[str, str]],
-                        quality: tuple[str, str], cost: str, tolerance: float) -> Recommendation | None:
+def _cheapest_not_worse(feasible: list[Group], table: uncertain.Comparisons, quality: tuple[str, str], cost: str,
+                        tolerance: float) -> Recommendation | None:
     """The lowest-cost configuration whose quality is not confidently worse than the best one's."""
-    names = [n for n, _ in objectives]
+    names = [n for n, _ in table.objectives]
     if quality[0] not in names or not all(cost in g.mean for g in feasible):
         return _cheapest(feasible, quality, cost, tolerance)
-    best, keep = uncertain.not_worse_than_best(cands, objectives, names.index(quality[0]), tolerance)
+    best, keep = uncertain.not_worse_than_best(table, names.index(quality[0]))
     pick = min((feasible[i] for i in keep), key=lambda g: (g.mean[cost], g.numbers[0]))
     return Recommendation("cheapest", pick, (
         f"lowest {cost} among the feasible configurations whose {quality[0]} is not confidently worse "
@@ -275,23 +277,22 @@ def _cheapest_not_worse(feasible: list[Group], cands: list[uncertain.Candidate],
         f"trial {feasible[best].label}"))
 
 
-def _separation(front: list[Group], cands: list[uncertain.Candidate], objectives: list[tuple[str, str]],
-                quality: tuple[str, str], tolerance: float) -> str | None:
+def _separation(feasible: list[Group], table: uncertain.Comparisons, on_front: list[int],
+                quality: tuple[str, str]) -> str | None:
     """One sentence when the front's configurations cannot be told apart on the quality objective:
     the largest difference, its interval, and about how many eval examples would separate it."""
-    names = [n for n, _ in objectives]
-    if quality[0] not in names or len(front) < 2:
+    names = [n for n, _ in table.objectives]
+    if quality[0] not in names or len(on_front) < 2:
         return None
     k = names.index(quality[0])
-    pairs = []
-    for i in range(len(front)):
-        for j in range(len(front)):
-            if i != j and cands[i].values[k] > cands[j].values[k]:
-                pairs.append((i, j, uncertain.compare(cands[i], cands[j], objectives, tolerance)[k]))
+    values = [table.cands[i].values[k] for i in on_front]
+    pairs = [(a, b, table(on_front[a], on_front[b])[k]) for a in range(len(on_front)) for b in range(len(on_front))
+             if a != b and values[a] > values[b]]
     undecided = [(i, j, d) for i, j, d in pairs if not (d.a_better or d.b_better) and d.low is not None]
     if not undecided:
         return None
     i, j, d = max(undecided, key=lambda p: abs(p[2].diff))
+    front = [feasible[n] for n in on_front]
     labels = [front[n].label for n in sorted({n for a, b, _ in undecided for n in (a, b)})]
     need = uncertain.examples_to_separate(d)
     more = f"; about {need} shared eval examples (eval.num_examples, or repeats with other seeds) would" \

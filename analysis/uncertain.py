@@ -97,57 +97,72 @@ def dominates(diffs: Sequence[Difference], directions: Sequence[str]) -> bool:
     return at_least and any(d.a_better for d in diffs)
 
 
-def front(cands: Sequence[Candidate], objectives: Sequence[tuple[str, str]], tolerance: float = 0.0,
-          cost_tolerance: float = COST_TOLERANCE) -> list[int]:
-    """Indices of the candidates no other dominates beyond the noise, ascending."""
-    directions = [d for _, d in objectives]
-    out = []
-    for i, b in enumerate(cands):
-        if not any(dominates(compare(a, b, objectives, tolerance, cost_tolerance), directions)
-                   for j, a in enumerate(cands) if j != i):
-            out.append(i)
-    return out
+def _flipped(d: Difference) -> Difference:
+    """b against a, from a against b: the same resampled examples, so the interval is exactly mirrored."""
+    return Difference(d.objective, -d.diff, None if d.high is None else -d.high, None if d.low is None else -d.low,
+                      d.n, d.b_better, d.a_better)
 
 
-def indistinguishable(cands: Sequence[Candidate], objectives: Sequence[tuple[str, str]], tolerance: float = 0.0,
-                      cost_tolerance: float = COST_TOLERANCE) -> list[list[int]]:
-    """Groups (connected through pairs) of candidates that no objective tells apart, each of 2 or more."""
-    n = len(cands)
-    parent = list(range(n))
+class Comparisons:
+    """Every pair of candidates compared once, read both ways: the front, the ties, the
+    recommendation and the separation sentence all ask about the same pairs, and each quality
+    comparison is a bootstrap."""
+
+    def __init__(self, cands: Sequence[Candidate], objectives: Sequence[tuple[str, str]], tolerance: float = 0.0,
+                 cost_tolerance: float = COST_TOLERANCE) -> None:
+        self.cands, self.objectives = list(cands), list(objectives)
+        self.directions = [d for _, d in objectives]
+        self.tolerance, self.cost_tolerance = tolerance, cost_tolerance
+        self._memo: dict[tuple[int, int], list[Difference]] = {}
+
+    def __len__(self) -> int:
+        return len(self.cands)
+
+    def __call__(self, i: int, j: int) -> list[Difference]:
+        """Candidate i against candidate j on every objective."""
+        if i > j:
+            return [_flipped(d) for d in self(j, i)]
+        if (i, j) not in self._memo:
+            self._memo[i, j] = compare(self.cands[i], self.cands[j], self.objectives, self.tolerance,
+                                       self.cost_tolerance)
+        return self._memo[i, j]
+
+
+def front(table: Comparisons, among: Sequence[int] | None = None) -> list[int]:
+    """Indices of the candidates (of ``among``, default all) that no other of them dominates beyond
+    the noise, ascending."""
+    idx = sorted(range(len(table)) if among is None else among)
+    return [i for i in idx if not any(dominates(table(j, i), table.directions) for j in idx if j != i)]
+
+
+def indistinguishable(table: Comparisons, among: Sequence[int] | None = None) -> list[list[int]]:
+    """Groups (connected through pairs) of candidates (of ``among``, default all) that no objective
+    tells apart, each of 2 or more, as candidate indices in the order of ``among``."""
+    idx = list(range(len(table)) if among is None else among)
+    parent = {i: i for i in idx}
 
     def root(i: int) -> int:
         while parent[i] != i:
             i = parent[i]
         return i
 
-    for i in range(n):
-        for j in range(i + 1, n):
-            diffs = compare(cands[i], cands[j], objectives, tolerance, cost_tolerance)
-            if not any(d.a_better or d.b_better for d in diffs):
+    for a, i in enumerate(idx):
+        for j in idx[a + 1:]:
+            if not any(d.a_better or d.b_better for d in table(i, j)):
                 parent[root(j)] = root(i)
     groups: dict[int, list[int]] = {}
-    for i in range(n):
+    for i in idx:
         groups.setdefault(root(i), []).append(i)
     return [g for g in groups.values() if len(g) > 1]
 
 
-def _restrict(c: Candidate, k: int) -> Candidate:
-    return Candidate(c.label, [c.values[k]], c.per_example, c.weights, [[r[k]] for r in c.repeats], c.busy)
-
-
-def not_worse_than_best(cands: Sequence[Candidate], objectives: Sequence[tuple[str, str]], k: int,
-                        tolerance: float = 0.0, cost_tolerance: float = COST_TOLERANCE) -> tuple[int, list[int]]:
+def not_worse_than_best(table: Comparisons, k: int) -> tuple[int, list[int]]:
     """The best candidate on objective k (point value), and the indices of every candidate not
     confidently worse than it there (the best included), ascending."""
-    name, direction = objectives[k]
-    sign = 1.0 if direction == "maximize" else -1.0
+    sign = 1.0 if table.directions[k] == "maximize" else -1.0
+    cands = table.cands
     best = max(range(len(cands)), key=lambda i: (sign * cands[i].values[k], -i))
-    out = []
-    for i, c in enumerate(cands):
-        diffs = compare(_restrict(c, k), _restrict(cands[best], k), [(name, direction)], tolerance, cost_tolerance)
-        if i == best or not diffs[0].b_better:
-            out.append(i)
-    return best, out
+    return best, [i for i in range(len(cands)) if i == best or not table(i, best)[k].b_better]
 
 
 def examples_to_separate(diff: Difference) -> int | None:

@@ -60,9 +60,9 @@ def _shared(records: list[dict[str, Any]]) -> dict[str, str]:
     return {k: v for k, v in sets[0].items() if all(s.get(k) == v for s in sets[1:])}
 
 
-def fixed_overrides(records: list[dict[str, Any]]) -> str:
+def fixed_overrides(records: list[dict[str, Any]], shared: dict[str, str] | None = None) -> str:
     """The overrides every trial shares (printed once above the table, not on every row)."""
-    return scrub_text(" ".join(f"{k}={v}" for k, v in _shared(records).items()))
+    return scrub_text(" ".join(f"{k}={v}" for k, v in (_shared(records) if shared is None else shared).items()))
 
 
 def _cell(value: Any, interval: Any) -> str:
@@ -73,13 +73,13 @@ def _cell(value: Any, interval: Any) -> str:
     return f"{value:.4g}"
 
 
-def format_table(records: list[dict[str, Any]]) -> str:
+def format_table(records: list[dict[str, Any]], shared: dict[str, str] | None = None) -> str:
     """Params, quality (with its 95% interval) and cost of each trial; failed trials show their
     reason. Only the overrides that differ between trials are shown (``fixed_overrides`` has the
     rest). No dataset text. Overrides and reasons pass through scrub_text: a storage URL on the
     command line keeps its password out of the table."""
     header = ["#", "status", "overrides", *COLUMNS, "busy"]
-    shared = _shared(records)
+    shared = _shared(records) if shared is None else shared
     rows = []
     for r in records:
         values = {**(r.get("metrics") or {}), **(r.get("gains") or {})}
@@ -104,7 +104,7 @@ class SweepTable(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         records = collect(sweep_dir)
         if records:
-            shared = fixed_overrides(records)
-            every = f"every trial: {shared}\n" if shared else ""
+            shared = _shared(records)
+            every = f"every trial: {fixed_overrides(records, shared)}\n" if shared else ""
             print(f"\n{len(records)} trials in {sweep_dir} (quality: value [95% interval]):\n{every}"
-                  f"{format_table(records)}\n", flush=True)
+                  f"{format_table(records, shared)}\n", flush=True)

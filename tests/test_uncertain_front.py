@@ -34,8 +34,8 @@ def test_differences_within_the_noise_do_not_dominate():
     a = _cand("r8", _noisy(BASE, 0.02, 1), 60.0)
     b = _cand("r16", _noisy(BASE, 0.00, 2), 58.0)
     c = _cand("r32", _noisy(BASE, -0.01, 3), 63.0)
-    assert U.front([a, b, c], OBJ) == [0, 1, 2]
-    assert U.indistinguishable([a, b, c], OBJ) == [[0, 1, 2]]
+    assert U.front(U.Comparisons([a, b, c], OBJ)) == [0, 1, 2]
+    assert U.indistinguishable(U.Comparisons([a, b, c], OBJ)) == [[0, 1, 2]]
 
 
 def test_a_clear_quality_gain_at_the_same_cost_dominates():
@@ -45,33 +45,33 @@ def test_a_clear_quality_gain_at_the_same_cost_dominates():
     assert diffs[0].a_better and diffs[0].low > 0.15 and diffs[0].n == 20
     assert not diffs[1].a_better and not diffs[1].b_better  # 61 vs 60 s: within the cost tolerance
     assert U.dominates(diffs, ["maximize", "minimize"])
-    assert U.front([a, b], OBJ) == [0]
+    assert U.front(U.Comparisons([a, b], OBJ)) == [0]
 
 
 def test_a_clearly_cheaper_equal_quality_configuration_dominates_and_repeats_must_not_overlap():
     same = _noisy(BASE, 0, 1, spread=0.01)
     cheap = _cand("cheap", same, 30.0, repeats=[[0, 29.0], [0, 31.0]])
     dear = _cand("dear", same, 60.0, repeats=[[0, 58.0], [0, 62.0]])
-    assert U.front([cheap, dear], OBJ) == [0]
+    assert U.front(U.Comparisons([cheap, dear], OBJ)) == [0]
     # the same means but overlapping repeat ranges: not shown to differ
     wobbly = _cand("wobbly", same, 60.0, repeats=[[0, 25.0], [0, 95.0]])
-    assert U.front([cheap, wobbly], OBJ) == [0, 1]
+    assert U.front(U.Comparisons([cheap, wobbly], OBJ)) == [0, 1]
 
 
 def test_costs_measured_on_a_busy_machine_prove_nothing():
     same = _noisy(BASE, 0, 1, spread=0.01)
     quiet = _cand("quiet", same, 54.4)
     busy = _cand("busy", same, 70.9)
-    assert U.front([quiet, busy], OBJ) == [0]
+    assert U.front(U.Comparisons([quiet, busy], OBJ)) == [0]
     busy.busy = True
-    assert U.front([quiet, busy], OBJ) == [0, 1]
+    assert U.front(U.Comparisons([quiet, busy], OBJ)) == [0, 1]
 
 
 def test_user_tolerance_ignores_real_but_small_quality_differences():
     a = _cand("a", {k: v + 0.01 for k, v in _noisy(BASE, 0, 1, spread=0.0).items()}, 60.0)
     b = _cand("b", _noisy(BASE, 0, 1, spread=0.0), 60.0)
-    assert U.front([a, b], OBJ) == [0]                      # +0.01 on every example: certain
-    assert U.front([a, b], OBJ, tolerance=0.02) == [0, 1]   # but below what the user cares about
+    assert U.front(U.Comparisons([a, b], OBJ)) == [0]                      # +0.01 on every example: certain
+    assert U.front(U.Comparisons([a, b], OBJ, tolerance=0.02)) == [0, 1]   # but below what the user cares about
 
 
 def test_loss_is_compared_token_weighted_and_minimized():
@@ -95,7 +95,7 @@ def test_cheapest_not_confidently_worse_than_the_best():
     best = _cand("best", _noisy(BASE, 0.03, 1), 90.0)
     tied = _cand("tied", _noisy(BASE, 0.0, 2), 40.0)
     bad = _cand("bad", {k: v - 0.3 for k, v in _noisy(BASE, 0, 3, spread=0.01).items()}, 10.0)
-    top, keep = U.not_worse_than_best([best, tied, bad], OBJ, 0)
+    top, keep = U.not_worse_than_best(U.Comparisons([best, tied, bad], OBJ), 0)
     assert top == 0 and keep == [0, 1]
 
 
@@ -118,9 +118,9 @@ def test_without_noise_the_front_is_the_plain_pareto_set(seed):
         cost = rng.choice([10.0, 20.0, 40.0, 80.0, 160.0])
         cands.append(U.Candidate(str(i), [quality, cost], {"eval/rougeL": {str(e): quality for e in range(5)}}))
         points.append([quality, cost])
-    assert U.front(cands, OBJ) == pareto.pareto_indices(points, ["maximize", "minimize"])
+    assert U.front(U.Comparisons(cands, OBJ)) == pareto.pareto_indices(points, ["maximize", "minimize"])
     # and nothing is indistinguishable unless equal on both
-    for group in U.indistinguishable(cands, OBJ):
+    for group in U.indistinguishable(U.Comparisons(cands, OBJ)):
         for i, j in itertools.combinations(group, 2):
             assert points[i] == points[j]
 
@@ -155,3 +155,16 @@ def test_report_on_records_with_per_example_scores_declares_the_tie(tmp_path, ca
     assert "The data cannot tell" in md and "shared eval examples" in md
     assert "not confidently worse" in md and "**cheapest**: trial #1" in md
     capsys.readouterr()
+
+
+def test_each_pair_is_compared_once_and_read_both_ways():
+    rng = random.Random(3)
+    a = _cand("a", {str(i): rng.random() for i in range(15)}, cost=10.0, repeats=[[0.5, 10.0], [0.5, 12.5]])
+    b = _cand("b", {str(i): rng.random() for i in range(15)}, cost=14.0, repeats=[[0.5, 13.0], [0.5, 15.0]])
+    table = U.Comparisons([a, b], OBJ)
+    for mirrored, direct in zip(table(1, 0), U.compare(b, a, OBJ), strict=True):
+        assert mirrored.diff == pytest.approx(direct.diff) and mirrored.n == direct.n
+        assert (mirrored.a_better, mirrored.b_better) == (direct.a_better, direct.b_better)
+        if direct.low is not None:
+            assert (mirrored.low, mirrored.high) == pytest.approx((direct.low, direct.high))
+    assert list(table._memo) == [(0, 1)]  # computed once, for both directions
