@@ -196,25 +196,16 @@ def _loss_and_generation(model: Any, tokenizer: Any, examples: list[Example], ec
 @torch.no_grad()
 def _losses_batched(model: Any, examples: list[Example], batch_size: int, pad_id: int) -> list[tuple[float, int]]:
     """Summed cross-entropy and token count per example, from batched teacher-forced passes."""
-    from src.loop import body_and_head
+    from src.loop import label_logits
 
     out: list[tuple[float, int]] = []
-    parts = body_and_head(model)
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
-        batch = collate(chunk, pad_id)
-        if parts is None:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        else:
-            body, head = parts
-            hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-            logits = None
-        labels = batch["labels"][:, 1:]
-        for j in range(len(chunk)):
-            keep = labels[j] != -100
-            row_logits = logits[j][keep] if logits is not None else head(hidden[j, :-1][keep])
-            out.append((float(torch.nn.functional.cross_entropy(row_logits.float(), labels[j][keep], reduction="sum")),
-                        int(keep.sum())))
+        logits, targets, rows = label_logits(model, collate(chunk, pad_id))
+        per_token = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+        sums = torch.zeros(len(chunk), dtype=per_token.dtype).index_add_(0, rows, per_token)
+        counts = torch.bincount(rows, minlength=len(chunk))
+        out += [(float(s), int(c)) for s, c in zip(sums, counts, strict=True)]
     return out
 
 

@@ -118,24 +118,35 @@ def body_and_head(model: Any) -> tuple[Any, Any] | None:
     return body, head
 
 
-def target_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled (summary) positions, as ``model(**batch).loss``.
+def label_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits of the positions that predict a label (summary token), those labels, and each
+    position's row in the batch.
 
     The causal-LM head projects every position onto the whole vocabulary (49k columns for SmolLM2)
-    and then discards the prompt positions' logits in the loss. Here the decoder body runs on the whole
-    sequence, and the projection and cross-entropy only on the positions that predict a label: for a
-    dialogue-to-summary task most positions are prompt, so this saves most of the head's matmuls and the
-    largest activation of the step. Models without a separable body/head take the plain path.
+    and the loss then discards the prompt positions' logits. Here the decoder body runs on the whole
+    sequence, and the projection only on the positions that predict a label: for a dialogue-to-summary
+    task most positions are prompt, so this saves most of the head's matmuls and the largest
+    activation of the step. Models without a separable body/head take the plain forward.
     """
-    parts = body_and_head(model)
-    if parts is None:
-        return model(**batch).loss
-    body, head = parts
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     labels = batch["labels"][:, 1:]
     keep = labels != -100
-    logits = head(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), labels[keep])
+    parts = body_and_head(model)
+    if parts is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep]
+    else:
+        body, head = parts
+        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        logits = head(hidden[:, :-1][keep])
+    return logits, labels[keep], keep.nonzero()[:, 0]
+
+
+def target_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (summary) positions, as ``model(**batch).loss``
+    (which a model without a separable body/head computes itself, its own way)."""
+    if body_and_head(model) is None:
+        return model(**batch).loss
+    logits, targets, _ = label_logits(model, batch)
+    return F.cross_entropy(logits.float(), targets)
 
 
 def total_steps(tcfg: Any, n_examples: int) -> int:
