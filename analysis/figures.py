@@ -24,10 +24,21 @@ def hover(g: Group, s: Summary) -> str:
     for name in dict.fromkeys(shown):
         if name in g.mean:
             spread = f" ± {g.std[name]:.3g}" if len(g.rows) > 1 else ""
-            lines.append(f"{html.escape(name)} = {g.mean[name]:.4g}{spread}")
+            ci = f" [{g.intervals[name][0]:.3g}, {g.intervals[name][1]:.3g}]" if name in g.intervals else ""
+            lines.append(f"{html.escape(name)} = {g.mean[name]:.4g}{spread}{ci}")
     if g.violations:
         lines.append("infeasible: " + html.escape("; ".join(g.violations)))
     return "<br>".join(lines)
+
+
+def _quality_bars(members: list[Any], quality: str) -> dict[str, Any]:
+    """Error bars of the quality axis: each configuration's 95% interval over the eval examples
+    (asymmetric), or the standard deviation over repeats where no interval was recorded."""
+    if all(quality in g.intervals for g in members):
+        return {"type": "data", "symmetric": False, "visible": True,
+                "array": [max(0.0, g.intervals[quality][1] - g.mean[quality]) for g in members],
+                "arrayminus": [max(0.0, g.mean[quality] - g.intervals[quality][0]) for g in members]}
+    return {"type": "data", "array": [g.std.get(quality, 0.0) for g in members], "visible": True}
 
 
 def scatter(s: Summary) -> go.Figure:
@@ -49,7 +60,7 @@ def scatter(s: Summary) -> go.Figure:
             marker={"size": 12 if name == "Pareto front" else 9, "color": color},
             line={"dash": "dot", "color": color},
             error_x={"type": "data", "array": [g.std.get(cost, 0.0) for g in members], "visible": True},
-            error_y={"type": "data", "array": [g.std.get(quality, 0.0) for g in members], "visible": True},
+            error_y=_quality_bars(members, quality),
             text=[g.label for g in members], hovertext=[hover(g, s) for g in members], hoverinfo="text"))
     for rec, symbol in zip(s.recommendations, ("star", "diamond"), strict=False):
         g = rec.group

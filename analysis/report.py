@@ -61,15 +61,15 @@ def _fmt(value: Any) -> str:
 
 
 def _group_cell(g: Group, name: str) -> str:
-    """Mean ± standard deviation over repeats; a single trial's quality metric with its 95% interval."""
+    """The value (mean ± standard deviation over repeats), and a quality metric's 95% interval over
+    the eval examples."""
     if name not in g.mean:
         return "-"
-    if len(g.rows) > 1:
-        return f"{g.mean[name]:.4g} ± {g.std[name]:.2g}"
-    interval = ((g.rows[0].record or {}).get("intervals") or {}).get(name)
-    if isinstance(interval, list) and len(interval) == 2:
-        return f"{g.mean[name]:.4g} [{interval[0]:.3g}, {interval[1]:.3g}]"
-    return f"{g.mean[name]:.4g}"
+    text = f"{g.mean[name]:.4g} ± {g.std[name]:.2g}" if len(g.rows) > 1 else f"{g.mean[name]:.4g}"
+    if name in g.intervals:
+        lo, hi = g.intervals[name]
+        text += f" [{lo:.3g}, {hi:.3g}]"
+    return text
 
 
 def _status_counts(s: Summary) -> str:
@@ -109,8 +109,9 @@ def markdown(s: Summary, written_configs: dict[str, tuple[Path, str]], files: li
             "while other processes used the machine. "
             if s.uncertainty_aware else "").rstrip()
     out += ["## Pareto front", "", f"Feasible, non-dominated configurations over {', '.join(names)} "
-            "(value [95% interval over the eval examples] for one trial, mean ± sample standard deviation "
-            f"where a configuration ran more than once). {rule}".rstrip(), ""]
+            "(value, or mean ± sample standard deviation where a configuration ran more than once, then "
+            "[95% interval over the eval examples] for quality; repeats' per-example scores averaged). "
+            f"{rule}".rstrip(), ""]
     header = ["trial", *names, "params"]
     out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for g in s.front:

@@ -13,6 +13,7 @@ from analysis import pareto, uncertain
 from analysis.constraints import Constraint
 from analysis.trials import StudyData, TrialRow, per_example
 from src import metrics as M
+from src.uncertainty import interval
 
 
 @dataclass
@@ -23,6 +24,9 @@ class Group:
     mean: dict[str, float]
     std: dict[str, float]                     # sample standard deviation (0 for a single trial)
     violations: list[str] = field(default_factory=list)
+    # 95% interval of each quality metric over the eval examples: a single trial's own (its record),
+    # or the repeats' per-example means resampled; empty when the records have no per-example scores.
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def numbers(self) -> list[int]:
@@ -203,6 +207,7 @@ def summarize(data: StudyData, constraints: list[Constraint], tolerance: float =
     quality_axis, cost_metric = _pick_axes(data, quality, cost)
     groups = merge(data.completed)
     for g in groups:
+        g.intervals = _intervals(g)
         g.violations = [v for c in constraints if (v := c.check(g.mean, g.baseline)) is not None]
     feasible = [g for g in groups if g.feasible]
     directions = [d for _, d in data.objectives]
@@ -246,6 +251,24 @@ def summarize(data: StudyData, constraints: list[Constraint], tolerance: float =
     importance, importance_note = _importance(data)
     return Summary(data, constraints, groups, front, recs, quality_axis, cost_metric, tolerance, history,
                    reference, importance, importance_note, notes, ties, separation, cands is not None)
+
+
+def _intervals(g: Group) -> dict[str, tuple[float, float]]:
+    """Each quality metric's 95% interval over the eval examples (see Group.intervals)."""
+    if len(g.rows) == 1:
+        recorded = (g.rows[0].record or {}).get("intervals") or {}
+        return {n: (float(v[0]), float(v[1])) for n, v in recorded.items()
+                if n in M.QUALITY and isinstance(v, list) and len(v) == 2}
+    runs = [per_example(r) for r in g.rows]
+    if not all(runs):
+        return {}
+    scores, weights = uncertain.pooled(runs)
+    out = {}
+    for name, by_id in scores.items():
+        ids = sorted(by_id)
+        w = [weights.get(i, 1.0) for i in ids] if name == M.EVAL_LOSS else None
+        out[name] = interval([by_id[i] for i in ids], w)
+    return out
 
 
 def _candidates(groups: list[Group]) -> list[uncertain.Candidate] | None:

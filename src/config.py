@@ -204,6 +204,7 @@ class TrainConfig:
     max_grad_norm: float | None = MISSING
     gradient_checkpointing: bool = MISSING
     group_by_length: bool = MISSING
+    fuse_projections: bool = MISSING
     seed: int = MISSING
     log_every: int = MISSING
     worker_timeout_s: float = MISSING

@@ -253,6 +253,7 @@ def _train(t: Trial, net: Any, inputs: Inputs) -> Any:
     from src import loop
 
     cfg = t.cfg
+    fused = _fuse(t, net, inputs)
     with open(t.trial_dir / results.TRAIN_LOG, "w") as train_log:
         def on_log(row: dict[str, float]) -> None:
             train_log.write(json.dumps(row) + "\n")
@@ -269,7 +270,24 @@ def _train(t: Trial, net: Any, inputs: Inputs) -> Any:
                 stats = loop.train(net, inputs.train_examples, cfg.train, inputs.pad_id, on_log)
     t.artifacts["train_log"] = results.TRAIN_LOG
     t.run["stopped_by"] = stats.stopped_by
+    if fused is not None:
+        fused.remove()  # evaluation runs peft's own layers, as deployed
     return stats
+
+
+def _fuse(t: Trial, net: Any, inputs: Inputs) -> Any:
+    """train.fuse_projections: the adapted layers that share an input, found on a short probe from
+    the first training example, computed as one product each (src/fuse.py)."""
+    if not t.cfg.train.fuse_projections:
+        return None
+    import torch
+
+    from src import fuse
+
+    ids = torch.tensor([inputs.train_examples[0].input_ids[:8]])
+    fused = fuse.apply(net, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    t.run["fused_projections"] = {"groups": len(fused.groups), "layers": fused.layers}
+    return fused
 
 
 def _evaluate(t: Trial, net: Any, inputs: Inputs) -> tuple[dict[str, float], float]:

@@ -102,14 +102,16 @@ def test_bench_runs_both_engines_interleaved_and_writes_json_and_readme(tmp_path
 
 def test_ablation_prints_every_variant_against_the_plain_path(data_root, cache_dir):
     proc = subprocess.run([sys.executable, "-m", "bench.ablate", "--steps", "1", "--rounds", "2", "--profile", "1",
-                           *TINY,                           f"data.root={data_root}", f"paths.cache_dir={cache_dir}"],
+                           *TINY, f"data.root={data_root}", f"paths.cache_dir={cache_dir}"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "x plain" not in line]
     from bench.ablate import VARIANTS
 
     assert [r.split(" | ")[0].lstrip("| ") for r in rows] == list(VARIANTS)
-    assert rows[0].endswith("| 1.00x |")
+    assert " | 1.00x | " in rows[0]  # x plain
+    ours = next(r for r in rows if r.startswith("| both (our loop) |"))
+    assert ours.endswith("| 1.00x |")  # x our loop
     assert "aten::mm" in proc.stdout and "Self CPU" in proc.stdout  # the profile of our loop's step
 
 
@@ -149,7 +151,7 @@ def test_interference_bench_runs_idle_and_busy_trials_and_writes_the_readme_bloc
     readme.write_text("before\n<!-- ratios:interference:begin -->\nold\n<!-- ratios:interference:end -->\nafter\n")
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, "-m", "bench.interference", "--rounds", "1", "--start-after", "0.5",
-                           "--out", str(out), "--readme", str(readme), *TINY, "train.max_steps=8", "logger=none",
+                           "--busy-s", "0", "--out", str(out), "--readme", str(readme), *TINY, "train.max_steps=8", "logger=none",
                            f"data.root={data_root}", f"paths.cache_dir={cache_dir}"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

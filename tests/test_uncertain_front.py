@@ -168,3 +168,38 @@ def test_each_pair_is_compared_once_and_read_both_ways():
         if direct.low is not None:
             assert (mirrored.low, mirrored.high) == pytest.approx((direct.low, direct.high))
     assert list(table._memo) == [(0, 1)]  # computed once, for both directions
+
+
+def test_report_cells_and_scatter_carry_each_configurations_interval(tmp_path):
+    """A single trial shows its recorded interval; repeats merged show mean ± sd and the interval of
+    their per-example means; the scatter's quality error bars are those intervals (asymmetric)."""
+    import json
+
+    from analysis import figures, report
+    from analysis.summary import summarize
+    from analysis.trials import from_records
+    from tests.report_study import record
+
+    for number, (r, shift) in enumerate([(8, 0.0), (16, 0.03), (16, 0.01)]):  # r=16 ran twice
+        tdir = tmp_path / str(number)
+        tdir.mkdir()
+        scores = _noisy(BASE, shift, number)
+        rec = record(number, "completed", (r, 0.001, "none"), sum(scores.values()) / len(scores), 60.0, None, tdir)
+        rec["artifacts"] = {"per_example": "per_example.jsonl"}
+        rec["intervals"] = {"eval/rougeL": [0.1, 0.9]}  # what the trial recorded (made up: it is shown as is)
+        (tdir / "result.json").write_text(json.dumps(rec))
+        (tdir / "per_example.jsonl").write_text("".join(
+            json.dumps({"id": i, "eval/rougeL": v}) + "\n" for i, v in scores.items()))
+    s = summarize(from_records([tmp_path]), [])
+    single = next(g for g in s.groups if len(g.rows) == 1)
+    double = next(g for g in s.groups if len(g.rows) == 2)
+    assert single.intervals["eval/rougeL"] == (0.1, 0.9)
+    lo, hi = double.intervals["eval/rougeL"]
+    assert lo < double.mean["eval/rougeL"] < hi and hi - lo < 0.5
+    assert report._group_cell(single, "eval/rougeL") == f"{single.mean['eval/rougeL']:.4g} [0.1, 0.9]"
+    cell = report._group_cell(double, "eval/rougeL")
+    assert " ± " in cell and cell.endswith(f"[{lo:.3g}, {hi:.3g}]")
+    assert report._group_cell(double, "cost/train_s") == "60 ± 0"  # costs: no interval over examples
+    bars = [t.error_y for t in figures.scatter(s).data if t.error_y is not None and t.error_y.array is not None]
+    shown = {round(m, 6) for b in bars for m in b.arrayminus}
+    assert round(double.mean["eval/rougeL"] - lo, 6) in shown and all(b.symmetric is False for b in bars)
