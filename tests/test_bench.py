@@ -151,7 +151,8 @@ def test_interference_bench_runs_idle_and_busy_trials_and_writes_the_readme_bloc
     readme.write_text("before\n<!-- ratios:interference:begin -->\nold\n<!-- ratios:interference:end -->\nafter\n")
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, "-m", "bench.interference", "--rounds", "1", "--start-after", "0.5",
-                           "--busy-s", "0", "--out", str(out), "--readme", str(readme), *TINY, "train.max_steps=8", "logger=none",
+                           "--busy-s", "0", "--out", str(out), "--readme", str(readme), *TINY, "train.max_steps=8",
+                           "logger=none",
                            f"data.root={data_root}", f"paths.cache_dir={cache_dir}"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
