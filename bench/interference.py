@@ -107,6 +107,11 @@ def measure(rounds: int, start_after: float, busy_s: float | None, overrides: li
             "runs": runs, "summary": summarize(runs)}
 
 
+def _share_range(shares: list[float]) -> str:
+    lo, hi = (f"{x:.0%}" for x in (min(shares, default=0.0), max(shares, default=0.0)))
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
 def table(report: dict[str, Any]) -> str:
     s, m = report["summary"], report["machine"]
     busy = report["runs"]["busy"]
@@ -116,7 +121,7 @@ def table(report: dict[str, Any]) -> str:
              f"times idle and {report['rounds']} times with one CPU-bound competitor started after training "
              f"step {report['competitor_after_steps']} of {report['max_steps']} and kept "
              + (f"{report['competitor_s']:g} s" if report["competitor_s"] else "until the trial ended")
-             + f", interleaved. Busy runs: others used {min(shares, default=0):.0%}-{max(shares, default=0):.0%} of "
+             + f", interleaved. Busy runs: others used {_share_range(shares)} of "
              f"the machine while they trained; quiet steps {', '.join(quiet)}; flagged busy "
              f"{sum(bool(r['busy']) for r in busy)}/{len(busy)}. Measured {report['finished_at'][:10]} by "
              f"`{report['invocation']}`.", "",
