@@ -9,12 +9,16 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ValidationError
 
 from src.config import ConfigError, validate
+from src.paths import PROJECT_ROOT
 from tests.conftest import CONF
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("experiment", "hydra"))
-# Hydra's own groups we add options to: sweepers and their samplers (run for real in test_study.py
-# and test_sweeper.py; here each is composed and its class found).
-HYDRA_OPTIONS = sorted(p.relative_to(CONF).with_suffix("").as_posix() for p in (CONF / "hydra").rglob("*.yaml"))
+# Hydra's own groups we add options to: sweepers, their samplers and hooks, shipped with the sweepers
+# (PLUGIN_CONF) or set by our app (conf/hydra); run for real in test_study.py, test_sweeper.py and
+# test_plain_app.py; here each is composed and its class found.
+PLUGIN_CONF = PROJECT_ROOT / "hydra_plugins" / "paretune_sweepers" / "conf"
+HYDRA_OPTIONS = sorted(p.relative_to(root).with_suffix("").as_posix()
+                       for root in (CONF, PLUGIN_CONF) for p in (root / "hydra").rglob("*.yaml"))
 
 
 def _options(group: str) -> list[str]:
@@ -41,7 +45,7 @@ def test_every_experiment_composes_and_validates(cfg_factory, experiment):
 
 
 def test_every_yaml_file_is_covered():
-    on_disk = {p.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml")}
+    on_disk = {p.relative_to(root).as_posix() for root in (CONF, PLUGIN_CONF) for p in root.rglob("*.yaml")}
     covered = {"train.yaml"} | {f"{g}/{o}.yaml" for g in GROUPS for o in _options(g)} | {
         f"experiment/{p.stem}.yaml" for p in (CONF / "experiment").glob("*.yaml")} | {
         f"{o}.yaml" for o in HYDRA_OPTIONS}

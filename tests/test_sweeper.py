@@ -22,7 +22,8 @@ from src.sweeper import study as S
 from src.sweeper.base import tell
 from src.sweeper.optuna_sweeper import OptunaSweeper
 
-SAMPLERS = sorted(p.stem for p in (PROJECT_ROOT / "conf/hydra/sweeper/sampler").glob("*.yaml"))
+SAMPLER_DIR = PROJECT_ROOT / "hydra_plugins/paretune_sweepers/conf/hydra/sweeper/sampler"  # shipped with the sweepers
+SAMPLERS = sorted(p.stem for p in SAMPLER_DIR.glob("*.yaml"))
 # The Optuna class each sampler option must build: a config that built another one (or none, which
 # is Optuna's default TPE) would silently run a different search.
 SAMPLER_CLASSES = {"bruteforce": optuna.samplers.BruteForceSampler, "cmaes": optuna.samplers.CmaEsSampler,
@@ -204,7 +205,7 @@ def test_exact_pareto_repeats_need_equal_params_too(tmp_path):
 
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_every_sampler_config_builds_and_samples(name):
-    """Each conf/hydra/sweeper/sampler/*.yaml as the sweeper builds it, on the space it must handle."""
+    """Each hydra/sweeper/sampler/*.yaml as the sweeper builds it, on the space it must handle."""
     register_configs()
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["hydra/sweeper=optuna", f"hydra/sweeper/sampler={name}"],

@@ -1,7 +1,12 @@
-"""Hydra discovers sweepers only inside the ``hydra_plugins`` namespace package, by class name.
+"""Hydra discovers plugins only inside the ``hydra_plugins`` namespace package, by class.
 
-These names are what ``conf/hydra/sweeper/*.yaml`` point at; the code lives in ``src.sweeper``.
+The sweepers' classes are what ``hydra/sweeper/{optuna,grid}.yaml`` point at (the code lives in
+``src.sweeper``); the search-path plugin puts those config files (conf/ beside this file) on every
+Hydra app's search path, so ``hydra/sweeper=optuna`` works in any app once this project is installed.
 """
+
+from hydra.core.config_search_path import ConfigSearchPath
+from hydra.plugins.search_path_plugin import SearchPathPlugin
 
 from src.sweeper import grid, optuna_sweeper
 
@@ -12,3 +17,10 @@ class GridSweeper(grid.GridSweeper):
 
 class OptunaSweeper(optuna_sweeper.OptunaSweeper):
     """Optuna 5 ask/tell search (see src/sweeper/optuna_sweeper.py)."""
+
+
+class SweeperConfigs(SearchPathPlugin):
+    """The sweepers' config group (hydra/sweeper/optuna, grid, sampler/*, hooks/none) for every app."""
+
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        search_path.append(provider="paretune-sweepers", path="pkg://hydra_plugins.paretune_sweepers.conf")

@@ -1,16 +1,22 @@
 """What both of our sweepers share: one Optuna study per sweep, jobs run through Hydra's launcher.
 
 A sweeper here asks the study for trials (under a lock, so several processes never overshoot
-n_trials), launches each as a Hydra job whose directory is named after the Optuna trial number,
-reads the job's result.json and tells the study: values for a completed trial, FAIL with the reason
-for anything else. The study alone is then enough for analysis: each trial carries its result.json
-path, status, metrics and overrides as user attrs.
+n_trials), launches each as a Hydra job, reads the job's outcome and tells the study: values for a
+completed trial, FAIL with the reason for anything else.
+
+Any Hydra app can use them with the keys of Hydra's official Optuna sweeper: the task function's
+return value is the objective, ``direction`` names it, ``storage: null`` is an in-memory study.
+What paretune adds is a set of optional hooks its own config sets
+(conf/hydra/sweeper/hooks/paretune.yaml): declared objectives, a preflight of every job's config, a
+reader of each trial's result.json (so the study alone is enough for analysis: each trial carries its
+record path, status, metrics and overrides as user attrs), the ``study.*`` job keys, and a W&B
+summary run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,44 +24,58 @@ from typing import Any
 
 import optuna
 from hydra.core.plugins import Plugins
-from hydra.core.utils import JobReturn, JobStatus
+from hydra.core.utils import JobReturn
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
-from src import overrides, results
+from src import overrides
 from src.redact import remember, scrub, scrub_text
-from src.sweeper import report
+from src.sweeper import jobs, report
 from src.sweeper import study as S
+from src.sweeper.jobs import JobOutcome
 from src.sweeper.space import SearchSpace, build
 
 log = logging.getLogger("paretune.sweeper")
+
 
 class StudySweeper(Sweeper):
     """Shared machinery; subclasses decide which parameters the next trials get."""
 
     kind = "study"
 
-    def __init__(self, *, storage: str, study_name: str | None = None, direction: Any = None,
-                 n_jobs: int = 1, max_failure_rate: float = 0.0, params: dict[str, Any] | None = None,
-                 retry_stale: bool = False, lease_s: float = 120.0, preflight: str | None = None) -> None:
+    def __init__(self, *, storage: str | None = None, study_name: str | None = None, direction: Any = None,
+                 n_jobs: int = 1, max_failure_rate: float = 0.0, failure_scope: str = "batch",
+                 params: dict[str, Any] | None = None, retry_stale: bool = False, lease_s: float = 120.0,
+                 objectives: Any = None, preflight: str | None = None, record: str | None = None,
+                 trial_keys: str | None = None, summary: str | None = None, seed_key: str | None = None) -> None:
         super().__init__()
-        self.storage_spec = str(storage)
-        remember(self.storage_spec)  # a URL set in a config file, not on the command line
+        # null: an in-memory study, as in Hydra's Optuna sweeper (gone when the sweep ends)
+        self.storage_spec = None if storage is None else str(storage)
+        if self.storage_spec:
+            remember(self.storage_spec)  # a URL set in a config file, not on the command line
         self.study_name = study_name
         self.direction = direction
         self.n_jobs = int(n_jobs)
         self.max_failure_rate = float(max_failure_rate)
+        self.failure_scope = str(failure_scope)
         self.params = dict(params or {})
         self.retry_stale = bool(retry_stale)
         self.lease_s = float(lease_s)
+        # Hooks: what an app adds to plain Optuna behaviour (paretune's: conf/hydra/sweeper/hooks/paretune.yaml).
+        self.declared = objectives
         self.preflight = preflight
+        self.record = record
+        self.trial_keys = trial_keys
+        self.summary = summary
+        self.seed_key = seed_key  # the task's seed (hydra/sweeper=optuna: on_repeat=new_seed runs the next one)
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.launcher: Any = None
         self.storage: optuna.storages.BaseStorage | None = None  # as opened: the lock needs its type
         self.distributions: dict[str, Any] = {}
+        self.names: list[str] = []
         self._job_idx = 0
 
     # ---- Hydra's Sweeper interface ------------------------------------------------------------
@@ -70,7 +90,11 @@ class StudySweeper(Sweeper):
             raise S.StudyError(f"hydra.sweeper.n_jobs: must be >= 1, got {self.n_jobs}")
         if not 0.0 <= self.max_failure_rate <= 1.0:
             raise S.StudyError(f"hydra.sweeper.max_failure_rate: must be in [0, 1], got {self.max_failure_rate}")
+        if self.failure_scope not in FAILURE_SCOPES:
+            raise S.StudyError(f"hydra.sweeper.failure_scope: must be one of {list(FAILURE_SCOPES)}, "
+                               f"got {self.failure_scope!r}")
         names, directions = self.objectives()
+        self.names = names
         overrides_in = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
         parsed = overrides.parse(overrides_in, self.hydra_context.config_loader)
         space = build(parsed)
@@ -85,29 +109,30 @@ class StudySweeper(Sweeper):
             study = optuna.create_study(storage=storage, study_name=name, directions=directions, sampler=sampler,
                                         load_if_exists=True)
         self.distributions = self.trial_distributions(space, study)
-        S.check_resumed(study, names, directions, self.distributions)
-        if study.metric_names is None:
+        S.check_resumed(study, names if self.declared else None, directions, self.distributions)
+        if self.declared and study.metric_names is None:
             with warnings.catch_warnings():  # experimental in Optuna 5, and exactly what the dashboard shows
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.set_metric_names(names)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         self._save_sweep_config(sweep_dir, name)
-        log.info("study '%s' in %s (%d trials so far); sweep dir %s", name, S.mask_url(self.storage_spec),
+        log.info("study '%s' in %s (%d trials so far); sweep dir %s", name, S.describe_storage(self.storage_spec),
                  len(study.trials), sweep_dir)
 
         leases = S.Leases(storage, self.lease_s)
-        outcome = _Outcome()
+        outcome = _Outcome(self.max_failure_rate, self.failure_scope)
         try:
             self.run(study, space, leases, outcome)
         finally:
             # Also when the sweep stops early: what the study holds so far is summarised.
             leases.stop()
             try:
-                report.write_results(sweep_dir / report.RESULTS_FILE, study, names)
+                report.write_results(sweep_dir / report.RESULTS_FILE, study, names if self.declared else None)
             except Exception as exc:  # noqa: BLE001 - must not hide the error that stopped the sweep
                 log.warning("could not write %s: %s", report.RESULTS_FILE, exc)
-        report.wandb_summary(study, names, sweep_dir, self.config.get("logger"))
+        if self.summary:
+            get_method(self.summary)(study, names, sweep_dir, self.config)
         return outcome.returns
 
     # ---- for subclasses -----------------------------------------------------------------------
@@ -128,22 +153,34 @@ class StudySweeper(Sweeper):
     def lock(self, study: optuna.Study) -> Any:
         """The study-wide lock under which this process counts trials and asks for new ones."""
         assert self.storage is not None
+        if self.storage_spec is None:  # an in-memory study lives in this process alone
+            return contextlib.nullcontext()
         return S.study_lock(self.storage, self.storage_spec, study.study_name)
 
     def objectives(self) -> tuple[list[str], list[Any]]:
-        """Names and directions declared once in the task config; ``direction`` may only agree."""
-        assert self.config is not None
-        declared = list(self.config.get("objectives") or [])
-        names = [str(o.name) for o in declared]
-        directions = [str(o.direction).lower().split(".")[-1] for o in declared]
-        if not names:
-            raise S.StudyError("objectives: declare at least one (name + direction) in conf/train.yaml")
+        """Names and directions: the app's declaration (hook ``objectives``) when it has one, and then
+        ``direction`` may only agree; else ``direction`` alone, as in Hydra's Optuna sweeper."""
+        given = None
         if self.direction is not None:
-            given = [self.direction] if isinstance(self.direction, str) else list(self.direction)
-            given = [str(d).lower() for d in given]
-            if given != directions:
-                raise S.StudyError(f"hydra.sweeper.direction: {given} disagrees with the declared objectives "
-                                   f"{dict(zip(names, directions, strict=True))}; remove it or change `objectives`")
+            raw = [self.direction] if isinstance(self.direction, str) else list(self.direction)
+            given = [str(d).lower().split(".")[-1] for d in raw]  # "Direction.minimize" from the official enum
+            bad = [d for d in given if d not in ("minimize", "maximize")]
+            if bad or not given:
+                raise S.StudyError(f"hydra.sweeper.direction: {bad or given} is not minimize or maximize; give one "
+                                   "of them, or a list with one per value the task function returns")
+        if not self.declared:
+            if given is None:
+                raise S.StudyError("hydra.sweeper.direction: give minimize or maximize (or a list, one per value "
+                                   "the task function returns)")
+            return (["value"] if len(given) == 1 else [f"values_{i}" for i in range(len(given))]), given
+        declared = list(self.declared)
+        names = [str(o["name"]) for o in declared]
+        directions = [str(o["direction"]).lower().split(".")[-1] for o in declared]
+        if not names:
+            raise S.StudyError("hydra.sweeper.objectives: declare at least one (name + direction)")
+        if given is not None and given != directions:
+            raise S.StudyError(f"hydra.sweeper.direction: {given} disagrees with the declared objectives "
+                               f"{dict(zip(names, directions, strict=True))}; remove it or change `objectives`")
         return names, directions
 
     def check_jobs(self, jobs: list[dict[str, Any]], space: SearchSpace) -> None:
@@ -164,74 +201,76 @@ class StudySweeper(Sweeper):
             raise S.StudyError(f"{len(unique)} parameter set(s) of this sweep are invalid; nothing was run:\n  "
                                + "\n  ".join(unique))
 
-    def launch(self, study: optuna.Study, batch: Sequence[tuple[optuna.Trial, dict[str, Any]]],
-               space: SearchSpace, leases: S.Leases, outcome: _Outcome) -> None:
-        """Run one batch of asked trials as Hydra jobs and tell the study each outcome."""
+    def trial_overrides(self, study: optuna.Study, trial: optuna.Trial, keys: list[str]) -> list[str]:
+        """The keys that tell a job which study and trial it is (hook ``trial_keys``: the config node)."""
+        if not self.trial_keys:
+            return []
+        node = self.trial_keys
+        return [f"{node}.name={study.study_name}", f"{node}.trial={trial.number}", f"{node}.params=[{','.join(keys)}]"]
+
+    def read(self, out_dir: Path, ret: JobReturn | None) -> JobOutcome:
+        """A job's outcome: by the app's reader (hook ``record``), else from the task's return value."""
+        reader = get_method(self.record) if self.record else jobs.from_return
+        return reader(out_dir, ret, self.names)
+
+    def launch(self, study: optuna.Study, batch: Sequence[tuple[optuna.Trial, list[str]]],
+               leases: S.Leases, outcome: _Outcome) -> None:
+        """Run one batch of asked trials (each with its job overrides) as Hydra jobs; tell the study each outcome."""
         assert self.config is not None
-        keys = list(space.distributions)
-        job_overrides = [space.overrides(params) + [f"study.name={study.study_name}", f"study.trial={t.number}",
-                                                    f"study.params=[{','.join(keys)}]"]
-                         for t, params in batch]
+        job_overrides = [ovr for _, ovr in batch]
         sweep_dir = Path(self.config.hydra.sweep.dir)
         try:
             returns = self.launcher.launch(job_overrides, initial_job_idx=self._job_idx)
         except BaseException as exc:
-            # Ctrl-C or a launcher crash: a job that finished keeps its result, the others fail as
-            # stale, so `retry_stale` can run them again.
+            # Ctrl-C or a launcher crash: a job that finished keeps its record (when the app writes one,
+            # in the job folder named by its trial number), the others fail as stale, so `retry_stale`
+            # can run them again.
             why = "interrupted (SIGINT)" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
-            for (t, _), ovr in zip(batch, job_overrides, strict=True):
-                path = sweep_dir / str(t.number) / results.RESULT_FILE
-                record, _ = results.load(path)
-                if record is not None and _record_values(record, study.metric_names or [])[0] is not None:
-                    self._tell(study, t, path, None, ovr, outcome)
+            for t, ovr in batch:
+                job = self.read(sweep_dir / str(t.number), None) if self.record else None
+                if job is not None and job.values is not None:
+                    self._tell(study, t, job, ovr, outcome)
                 else:
                     S.fail_trial(study, t._trial_id, f"the sweep stopped: {why}", stale=True)  # noqa: SLF001
                 leases.release(t._trial_id)  # noqa: SLF001
             raise
         self._job_idx += len(batch)
-        for (trial, _), ret, ovr in zip(batch, returns, job_overrides, strict=True):
+        failed_before = len(outcome.failed)
+        for (trial, ovr), ret in zip(batch, returns, strict=True):
             out_dir = Path(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg else sweep_dir / str(trial.number)
-            failure = None
-            if ret.status == JobStatus.FAILED:
-                error = ret._return_value  # noqa: SLF001 - reading .return_value would re-raise it
-                failure = scrub_text(f"{type(error).__name__}: {error}".strip())
-            self._tell(study, trial, out_dir / results.RESULT_FILE, failure, ovr, outcome)
+            self._tell(study, trial, self.read(out_dir, ret), ovr, outcome)
             leases.release(trial._trial_id)  # noqa: SLF001
         outcome.returns.append(returns)
-        outcome.check(self.max_failure_rate)
+        outcome.check(len(batch), len(outcome.failed) - failed_before)
 
-    def _tell(self, study: optuna.Study, trial: optuna.Trial, path: Path, failure: str | None,
-              overrides: list[str], outcome: _Outcome) -> None:
-        """Tell the study what the trial's result.json says (or why there is none)."""
-        names = study.metric_names or []
-        record, why = (None, failure) if failure else results.load(path)
-        values, reason = (None, failure or f"no readable {path.name} ({why})") if record is None else \
-            _record_values(record, names)
+    def _tell(self, study: optuna.Study, trial: optuna.Trial, job: JobOutcome, overrides: list[str],
+              outcome: _Outcome) -> None:
+        """Tell the study a job's outcome, with its overrides and the app's attrs on the trial."""
+        node = f"{self.trial_keys}." if self.trial_keys else None
         try:
-            trial.set_user_attr(S.RESULT_PATH, str(path.resolve()))
-            trial.set_user_attr(S.OVERRIDES, scrub([o for o in overrides if not o.startswith("study.")]))
-            if values is not None:
-                assert record is not None
-                # all of them: a few dozen numbers, and analysis then needs nothing but the study
-                trial.set_user_attr(S.METRICS, {**record.get("metrics", {}), **record.get("gains", {})})
+            for key, value in job.attrs.items():
+                trial.set_user_attr(key, value)
+            trial.set_user_attr(S.OVERRIDES, scrub([o for o in overrides if not (node and o.startswith(node))]))
+            if job.values is not None:
                 trial.set_user_attr(S.STATUS, "completed")
-                tell(study, trial, values)
+                tell(study, trial, job.values)
                 outcome.completed += 1
             else:
+                reason = scrub_text(job.error or "failed")
                 trial.set_user_attr(S.STATUS, "failed")
-                trial.set_user_attr(S.ERROR, scrub_text(reason or ""))
+                trial.set_user_attr(S.ERROR, reason)
                 tell(study, trial, state=optuna.trial.TrialState.FAIL)
-                outcome.failed.append((trial.number, reason or ""))
+                outcome.failed.append((trial.number, reason))
                 log.error("trial %d failed: %s", trial.number, reason)
         except (S.UpdateFinishedTrialError, ValueError, RuntimeError) as exc:
             # Another process failed this trial as stale (our lease lapsed): its record stays on disk.
-            log.warning("trial %d could not be told to the study (%s); its record is %s", trial.number, exc, path)
+            log.warning("trial %d could not be told to the study (%s)", trial.number, exc)
 
     def _save_sweep_config(self, sweep_dir: Path, study_name: str) -> None:
         assert self.config is not None
         cfg = OmegaConf.to_container(self.config, resolve=False)
         assert isinstance(cfg, dict)
-        cfg["hydra"]["sweeper"]["storage"] = S.mask_url(self.storage_spec)
+        cfg["hydra"]["sweeper"]["storage"] = self.storage_spec and S.mask_url(self.storage_spec)
         for i, o in enumerate(cfg["hydra"]["overrides"].get("hydra", [])):
             if str(o).startswith("hydra.sweeper.storage="):
                 cfg["hydra"]["overrides"]["hydra"][i] = f"hydra.sweeper.storage={S.mask_url(self.storage_spec)}"
@@ -252,40 +291,39 @@ def tell(study: optuna.Study, trial: optuna.Trial, values: list[float] | None = 
             raise
 
 
+FAILURE_SCOPES = ("batch", "run")
+
+
 class _Outcome:
     """What this process ran: returns for Hydra, and the failures the sweep may still afford.
 
-    The limit applies to the trials this run plans (``planned``): the sweep stops as soon as more
-    than ``max_failure_rate`` of them have failed, i.e. once the rate over the whole run is sure to
-    pass it. A first failure therefore does not end a 20-trial search at a 50 % limit, and a 0 %
-    limit stops at the first failure.
+    ``failure_scope=batch`` (Hydra's Optuna sweeper's rule): the sweep stops after a batch of
+    ``n_jobs`` trials in which more than ``max_failure_rate`` of the jobs failed; with one job per
+    batch, any failure stops it unless the rate is 1. ``run`` (paretune's): the limit applies to the
+    trials this run plans (``planned``), and the sweep stops as soon as more than that fraction of
+    them have failed, i.e. once the rate over the whole run is sure to pass it; a first failure then
+    does not end a 20-trial search at a 50 % limit. A 0 % limit stops at the first failure either way.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_rate: float, scope: str) -> None:
+        self.max_rate, self.scope = max_rate, scope
         self.returns: list[Sequence[JobReturn]] = []
         self.completed = 0
         self.failed: list[tuple[int, str]] = []
         self.planned = 0
 
-    def check(self, max_rate: float) -> None:
-        if not self.failed or len(self.failed) <= max_rate * max(self.planned, 1):
-            return
-        done = self.completed + len(self.failed)
+    def check(self, batch_size: int, batch_failed: int) -> None:
+        if self.scope == "batch":
+            if batch_failed == 0 or batch_failed <= self.max_rate * batch_size:
+                return
+            head = (f"{batch_failed} of the {batch_size} trials of the last batch failed, more than "
+                    f"hydra.sweeper.max_failure_rate={self.max_rate:.0%} of them; the sweep stops.")
+        else:
+            if not self.failed or len(self.failed) <= self.max_rate * max(self.planned, 1):
+                return
+            done = self.completed + len(self.failed)
+            head = (f"{len(self.failed)} of the {self.planned} trials this run planned failed (after {done}), "
+                    f"more than hydra.sweeper.max_failure_rate={self.max_rate:.0%} of them; the sweep stops.")
         listed = "\n  ".join(f"trial {n}: {why}" for n, why in self.failed[-10:])
-        raise S.StudyError(f"{len(self.failed)} of the {self.planned} trials this run planned failed (after {done}), "
-                           f"more than hydra.sweeper.max_failure_rate={max_rate:.0%} of them; the sweep stops. "
-                           f"Completed trials are kept in the study; start the same command to resume.\n  {listed}")
-
-
-def _record_values(record: dict[str, Any], names: list[str]) -> tuple[list[float] | None, str | None]:
-    """The objective values of a completed trial's record, or the reason it has none."""
-    if record.get("status") != "completed":
-        return None, (record.get("error") or {}).get("message") or f"status {record.get('status')}"
-    objectives = record.get("objectives", {})
-    missing = [n for n in names if n not in objectives]
-    if missing:
-        return None, f"result has no value for objective(s) {missing}"
-    values = [float(objectives[n]) for n in names]
-    if not all(math.isfinite(v) for v in values):
-        return None, f"non-finite objective values {values}"
-    return values, None
+        raise S.StudyError(f"{head} Completed trials are kept in the study; start the same command to resume."
+                           f"\n  {listed}")

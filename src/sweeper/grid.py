@@ -91,6 +91,7 @@ class GridSweeper(StudySweeper):
         # sequential launcher a sweep stops right after the failure that crosses it, and no trial is
         # asked (and held RUNNING) long before it starts.
         size = self.max_batch_size or self.n_jobs
+        keys = list(space.distributions)
         for start in range(0, len(todo), size):
             batch = []
             with self.lock(study):
@@ -99,5 +100,5 @@ class GridSweeper(StudySweeper):
                     study.enqueue_trial(params, skip_if_exists=False)
                     trial = study.ask(self.distributions)
                     leases.take(trial._trial_id)  # noqa: SLF001
-                    batch.append((trial, params))
-            self.launch(study, batch, space, leases, outcome)
+                    batch.append((trial, space.overrides(params) + self.trial_overrides(study, trial, keys)))
+            self.launch(study, batch, leases, outcome)

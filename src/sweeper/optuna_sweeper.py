@@ -1,9 +1,15 @@
 """``hydra/sweeper=optuna``: an Optuna 5 ask/tell search over Hydra jobs.
 
 Its keys are those of Hydra's official Optuna sweeper (``params``, ``direction``, ``n_trials``,
-``n_jobs``, ``storage``, ``study_name``, ``max_failure_rate``, ``sampler``), which cannot be used
-here: it requires optuna<3 and reads ``range(1,3)`` as 1..3. This one runs on Optuna 5, keeps Hydra's
-meaning of every sweep expression, resumes a study, and shares it between processes.
+``n_jobs``, ``storage``, ``study_name``, ``max_failure_rate``, ``sampler``, ``custom_search_space``),
+which cannot be used here: it requires optuna<3 and reads ``range(1,3)`` as 1..3. This one runs on
+Optuna 5, keeps Hydra's meaning of every sweep expression, resumes a study, and shares it between
+processes.
+
+A sampler may propose parameters the study already completed (TPE re-proposes categorical values).
+``on_repeat`` decides what that costs: ``reuse`` tells Optuna the completed trial's values without
+running anything; ``new_seed`` runs it as a real repeat with the next unused value of ``seed_key``
+(another sample of the same configuration, which narrows its interval).
 """
 
 from __future__ import annotations
@@ -13,11 +19,12 @@ import math
 from typing import Any
 
 import optuna
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
 
 from src.sweeper import study as S
-from src.sweeper.base import StudySweeper, _Outcome
+from src.sweeper.base import StudySweeper, _Outcome, tell
 from src.sweeper.space import SearchSpace
 
 log = logging.getLogger("paretune.sweeper")
@@ -29,10 +36,13 @@ _GRID_SAMPLERS = ("optuna.samplers.GridSampler", "optuna.samplers.BruteForceSamp
 class OptunaSweeper(StudySweeper):
     kind = "search"
 
-    def __init__(self, *, sampler: DictConfig | None = None, n_trials: int = 20, **kwargs: Any) -> None:
+    def __init__(self, *, sampler: DictConfig | None = None, n_trials: int = 20, custom_search_space: str | None = None,
+                 on_repeat: str = "reuse", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.sampler_cfg = sampler
         self.n_trials = int(n_trials)
+        self.custom_search_space = custom_search_space
+        self.on_repeat = str(on_repeat)
 
     def _target(self) -> str:
         return "" if self.sampler_cfg is None else str(self.sampler_cfg.get("_target_", ""))
@@ -68,20 +78,90 @@ class OptunaSweeper(StudySweeper):
         return min(self.n_trials, size)
 
     def run(self, study: optuna.Study, space: SearchSpace, leases: S.Leases, outcome: _Outcome) -> None:
+        if self.on_repeat not in REPEATS:
+            raise S.StudyError(f"hydra.sweeper.on_repeat: must be one of {list(REPEATS)}, got {self.on_repeat!r}")
+        if self.on_repeat == "new_seed" and not self.seed_key:
+            raise S.StudyError("hydra.sweeper.on_repeat=new_seed needs hydra.sweeper.seed_key (the config key of "
+                               "the task's random seed, e.g. train.seed); or use on_repeat=reuse")
+        extend = get_method(self.custom_search_space) if self.custom_search_space else None
+        keys = list(space.distributions)
         limit = self._limit(space)
         outcome.planned = max(0, limit - S.counted(study.get_trials(deepcopy=False)))
         while True:
-            batch = []
+            batch: list[tuple[optuna.Trial, list[str]]] = []
             with self.lock(study):
                 S.fail_stale(study)
                 if self.retry_stale:
                     S.retry_stale(study)
                 room = limit - S.counted(study.get_trials(deepcopy=False))
-                for _ in range(min(self.n_jobs, room)):
+                while room > 0 and len(batch) < self.n_jobs:
+                    room -= 1
                     trial = study.ask(self.distributions)
+                    if extend is not None:  # the official key: a function(cfg, trial) suggesting more params
+                        extend(self.config, trial)
+                    params = dict(trial.params)
+                    ovr = space.overrides(params)
+                    if self._repeat(study, trial, params, ovr, outcome):
+                        continue
                     leases.take(trial._trial_id)  # noqa: SLF001
-                    batch.append((trial, dict(trial.params)))
+                    batch.append((trial, ovr + self.trial_overrides(study, trial, keys)))
             if not batch:
-                log.info("study '%s' has its %d trials", study.study_name, limit)
-                return
-            self.launch(study, batch, space, leases, outcome)
+                if room <= 0:
+                    log.info("study '%s' has its %d trials", study.study_name, limit)
+                    return
+                continue  # every trial asked was a reused repeat: ask again
+            self.launch(study, batch, leases, outcome)
+
+    def _repeat(self, study: optuna.Study, trial: optuna.Trial, params: dict[str, Any], ovr: list[str],
+                outcome: _Outcome) -> bool:
+        """Handle parameters the study already completed: True when the trial was told without a run
+        (``reuse``); with ``new_seed`` the seed override is added to ``ovr`` and the trial runs."""
+        seed = self._seed(ovr) if self.seed_key else None
+        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.params == params and t.user_attrs.get(SEED) == seed]
+        if seed is not None and (self.on_repeat == "reuse" or not done):
+            trial.set_user_attr(SEED, seed)
+        if not done:
+            return False
+        first = done[0]
+        if self.on_repeat == "new_seed":
+            assert self.seed_key is not None and seed is not None
+            used = {t.user_attrs.get(SEED) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
+                                                                                                 TrialState.RUNNING))
+                    if t.params == params}
+            new = seed + 1
+            while new in used:
+                new += 1
+            ovr.append(f"{self.seed_key}={new}")
+            trial.set_user_attr(SEED, new)
+            trial.set_user_attr(REPEAT_OF, first.number)
+            log.info("trial %d repeats the parameters of trial %d: it runs with %s=%d (on_repeat=new_seed)",
+                     trial.number, first.number, self.seed_key, new)
+            return False
+        for key, value in first.user_attrs.items():
+            if key not in (S.OWNER, S.LEASE_UNTIL, S.RETRY_OF):
+                trial.set_user_attr(key, value)
+        trial.set_user_attr(REPEAT_OF, first.number)
+        tell(study, trial, list(first.values))
+        outcome.completed += 1
+        log.info("trial %d repeats the parameters of completed trial %d: its values are reused, nothing runs "
+                 "(on_repeat=reuse)", trial.number, first.number)
+        return True
+
+    def _seed(self, ovr: list[str]) -> int | None:
+        """The seed a job with these overrides would run with (its composed config's ``seed_key``); None
+        when the task has no such key (then only ``reuse`` applies)."""
+        assert self.config is not None and self.hydra_context is not None and self.seed_key is not None
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(ovr))
+        value = OmegaConf.select(cfg, self.seed_key)
+        if value is None and self.on_repeat == "reuse":
+            return None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise S.StudyError(f"hydra.sweeper.seed_key: {self.seed_key} is {value!r} in the task config; it must "
+                               "name an integer seed (or use on_repeat=reuse)")
+        return value
+
+
+REPEATS = ("reuse", "new_seed")
+SEED = "seed"            # user attr: the seed a trial ran with (when seed_key is set)
+REPEAT_OF = "repeat_of"  # user attr: the completed trial whose parameters this one repeats

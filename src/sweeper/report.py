@@ -21,28 +21,38 @@ log = logging.getLogger("paretune.sweeper")
 RESULTS_FILE = "optimization_results.yaml"
 
 
-def results(study: optuna.Study, names: list[str]) -> dict[str, Any]:
+def results(study: optuna.Study, names: list[str] | None) -> dict[str, Any]:
+    """``names``: the app's declared objectives (values are then keyed by name), or None (a list of values,
+    in ``direction`` order, as Hydra's Optuna sweeper writes them)."""
     states = [t.state for t in study.get_trials(deepcopy=False)]
+    directions = [d.name.lower() for d in study.directions]
     out: dict[str, Any] = {
         "name": "optuna", "study_name": study.study_name,
-        "objectives": [{"name": n, "direction": d.name.lower()} for n, d in zip(names, study.directions, strict=True)],
+        "objectives": ([{"name": n, "direction": d} for n, d in zip(names, directions, strict=True)] if names
+                       else directions),
         "trials": {s.name.lower(): states.count(s) for s in TrialState if states.count(s)},
     }
     if not any(s == TrialState.COMPLETE for s in states):
         out["note"] = "no trial completed: there is no best point yet"
         return out
-    if len(names) == 1:
+    if len(directions) == 1:
         best = study.best_trial
         out.update(best_params=dict(best.params), best_value=best.values[0], best_trial=best.number,
-                   best_result=best.user_attrs.get(RESULT_PATH))
+                   **_result(best))
     else:
         out["solutions"] = [{"trial": t.number, "params": dict(t.params),
-                             "values": {n: float(v) for n, v in zip(names, t.values, strict=True)},
-                             "result": t.user_attrs.get(RESULT_PATH)} for t in unique_pareto(study)]
+                             "values": ({n: float(v) for n, v in zip(names, t.values, strict=True)} if names
+                                        else [float(v) for v in t.values]),
+                             **_result(t, "result")} for t in unique_pareto(study)]
     return out
 
 
-def write_results(path: Path, study: optuna.Study, names: list[str]) -> dict[str, Any]:
+def _result(t: optuna.trial.FrozenTrial, key: str = "best_result") -> dict[str, Any]:
+    """The trial's record path, where the app keeps one (paretune's record hook)."""
+    return {key: t.user_attrs[RESULT_PATH]} if RESULT_PATH in t.user_attrs else {}
+
+
+def write_results(path: Path, study: optuna.Study, names: list[str] | None) -> dict[str, Any]:
     data = results(study, names)
     OmegaConf.save(OmegaConf.create(data), path)
     log.info("wrote %s", path)
@@ -60,8 +70,10 @@ def _rows(study: optuna.Study, names: list[str]) -> tuple[list[str | int], list[
     return columns, rows
 
 
-def wandb_summary(study: optuna.Study, names: list[str], sweep_dir: Path, logger: Any) -> None:
-    """One run (job_type "study") with the trials table and the front's scatter; never fails the sweep."""
+def wandb_summary(study: optuna.Study, names: list[str], sweep_dir: Path, config: Any) -> None:
+    """One run (job_type "study") with the trials table and the front's scatter; never fails the sweep.
+    paretune's ``summary`` hook: the W&B settings are the app's ``logger`` node."""
+    logger = config.get("logger")
     if logger is None:
         return
     logger = OmegaConf.create(OmegaConf.to_container(logger, resolve=True, enum_to_str=True))

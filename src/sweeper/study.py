@@ -108,8 +108,11 @@ def supported_scheme(url: str) -> bool:
     return url.split("://", 1)[0].split("+", 1)[0] in STORAGE_SCHEMES
 
 
-def open_storage(storage: str) -> optuna.storages.BaseStorage:
-    """A URL (postgresql://, sqlite:///) opens an RDB; anything else is a journal file path."""
+def open_storage(storage: str | None) -> optuna.storages.BaseStorage:
+    """A URL (postgresql://, sqlite:///) opens an RDB; None an in-memory study (Hydra's Optuna sweeper's
+    ``storage: null``); anything else is a journal file path."""
+    if storage is None:
+        return optuna.storages.InMemoryStorage()
     if _is_url(storage):
         scheme = storage.split("://", 1)[0]
         if not supported_scheme(storage):
@@ -132,6 +135,10 @@ def open_storage(storage: str) -> optuna.storages.BaseStorage:
     except journal.JournalDamaged as exc:
         raise StudyError(str(exc)) from exc
     return optuna.storages.JournalStorage(backend)
+
+
+def describe_storage(storage: str | None) -> str:
+    return "memory (storage: null; gone when the sweep ends)" if storage is None else str(mask_url(storage))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -189,17 +196,17 @@ def _advisory_lock(storage: optuna.storages.RDBStorage, key: int) -> Iterator[No
         conn.close()
 
 
-def check_resumed(study: optuna.Study, names: list[str], directions: list[str],
+def check_resumed(study: optuna.Study, names: list[str] | None, directions: list[str],
                   distributions: dict[str, BaseDistribution]) -> None:
-    """A study found by name must answer the same question as this sweep: the same objectives (names and
-    directions) and value spaces Optuna can store beside the old ones. Checked before any trial is asked,
-    so a mismatch changes nothing in the study."""
+    """A study found by name must answer the same question as this sweep: the same objectives (names,
+    when the app declares them, and directions) and value spaces Optuna can store beside the old ones.
+    Checked before any trial is asked, so a mismatch changes nothing in the study."""
     name = study.study_name
     have = [d.name.lower() for d in study.directions]
     if have != directions:
         raise StudyError(f"study '{name}' exists with directions {have}, but the objectives declare {directions}; "
                          "set hydra.sweeper.study_name to a new name")
-    if study.metric_names is not None and list(study.metric_names) != names:
+    if names is not None and study.metric_names is not None and list(study.metric_names) != names:
         raise StudyError(f"study '{name}' records the objectives {list(study.metric_names)}, but this sweep "
                          f"declares {names}; resuming would relabel the values of its trials. Restore `objectives`"
                          " or set hydra.sweeper.study_name to a new name")

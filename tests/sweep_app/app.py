@@ -1,7 +1,7 @@
 """A cheap Hydra task for sweeper tests: writes a real result.json in milliseconds.
 
-Run as ``python tests/sweep_app/app.py --config-dir conf -m ...`` so the project's sweeper configs
-(conf/hydra/sweeper) are found. ``fail_above`` makes trials fail, ``sleep_s`` keeps them running.
+Run as ``python tests/sweep_app/app.py --config-dir conf -m ...`` so paretune's sweeper hooks
+(conf/hydra/sweeper/hooks/paretune.yaml) are found. ``fail_above`` makes trials fail, ``sleep_s`` keeps them running.
 """
 
 from __future__ import annotations

@@ -1,0 +1,63 @@
+"""What a finished Hydra job means to the study: objective values, or the reason it failed.
+
+The generic reading is the official Optuna sweeper's: the task function's return value is the
+objective (a float, or a sequence with one float per direction), and an exception raised by the job
+fails the trial with its message. An app can instead name a reader in ``hydra.sweeper.record``
+(paretune's reads each trial's result.json, see ``src/sweeper/records.py``): it is called with the
+job's output folder, its JobReturn (None when the launcher stopped before returning it) and the
+objective names, and returns a ``JobOutcome``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+
+from src.redact import scrub_text
+
+
+@dataclass
+class JobOutcome:
+    values: list[float] | None                 # None: the trial failed, ``error`` says why
+    error: str | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)  # extra user attrs for the trial (result_path, metrics)
+
+
+def job_error(ret: JobReturn | None) -> str | None:
+    """The exception a failed job raised, as ``Type: message`` (secrets masked); None if it did not fail."""
+    if ret is None or ret.status != JobStatus.FAILED:
+        return None
+    error = ret._return_value  # noqa: SLF001 - reading .return_value would re-raise it
+    return scrub_text(f"{type(error).__name__}: {error}".strip())
+
+
+def from_return(out_dir: Path, ret: JobReturn | None, names: Sequence[str]) -> JobOutcome:
+    """The task function's return value as the objective values (Hydra's Optuna sweeper's contract)."""
+    error = job_error(ret)
+    if error is not None:
+        return JobOutcome(None, error)
+    if ret is None:
+        return JobOutcome(None, "the job did not return (the launcher stopped first)")
+    value = ret.return_value
+    try:
+        if len(names) == 1 and not isinstance(value, Sequence | str):
+            values = [float(value)]
+        elif isinstance(value, Sequence) and not isinstance(value, str):
+            values = [float(v) for v in value]
+        else:
+            raise TypeError
+    except (TypeError, ValueError):
+        shape = "a float" if len(names) == 1 else f"a list or tuple of {len(names)} floats"
+        return JobOutcome(None, f"the task function returned {value!r}; it must return {shape} "
+                                f"(one value per hydra.sweeper.direction)")
+    if len(values) != len(names):
+        return JobOutcome(None, f"the task function returned {len(values)} value(s) for {len(names)} objective(s) "
+                                f"{list(names)}")
+    if not all(math.isfinite(v) for v in values):
+        return JobOutcome(None, f"non-finite objective values {values}")
+    return JobOutcome(values)
