@@ -6,8 +6,12 @@ PostgreSQL storage."""
 from __future__ import annotations
 
 import os
+import re
+import shlex
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import optuna
@@ -42,35 +46,50 @@ def sphere(x: float, y: float, seed: int = 0) -> float:
 
 
 X_VALUES = [-5.5 + 0.5 * i for i in range(22)]  # range(-5.5, 5.5, step=0.5): Hydra's meaning, 5.5 excluded
+STORAGES = ["memory", "journal", "postgresql"]
 
 
-def test_the_official_example_runs_single_objective_tpe_in_memory(tmp_path):
-    proc = run(tmp_path, "-m")
+def storage_args(kind: str, tmp_path: Path, request: pytest.FixtureRequest, name: str) -> list[str]:
+    """The overrides that put the study in memory (the app's own storage: null), a journal file, or
+    the session's PostgreSQL server (under a name no other test uses)."""
+    if kind == "memory":
+        return []
+    url = str(tmp_path / "s.journal") if kind == "journal" else request.getfixturevalue("pg").url
+    return [f"hydra.sweeper.storage={url}", f"hydra.sweeper.study_name={name}-{kind}-{os.getpid()}"]
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_the_official_example_runs_single_objective_tpe(tmp_path, storage, request):
+    proc = run(tmp_path, "-m", *storage_args(storage, tmp_path, request, "sphere"))
     out = results(tmp_path)
-    assert out["name"] == "optuna" and out["study_name"] == "sphere" and out["trials"] == {"complete": 20}
+    assert out["name"] == "optuna" and out["trials"] == {"complete": 20}
     best = out["best_params"]
     assert best["x"] in X_VALUES and best["y"] in (-5, 0, 5)
     assert out["best_value"] == pytest.approx(sphere(best["x"], best["y"]))
     # TPE (seed 123) beats what its own first random trials found, and the return value is what was told
     assert out["best_value"] <= 2.0
-    assert "in memory" in proc.stdout or "memory (storage: null" in proc.stdout
-    assert not list(tmp_path.rglob("*.journal")) and not list(tmp_path.rglob("*.db"))  # nothing persisted
+    if storage == "memory":
+        assert out["study_name"] == "sphere" and "in memory (storage: null" in proc.stdout
+        assert not list(tmp_path.rglob("*.journal")) and not list(tmp_path.rglob("*.db"))  # nothing persisted
     # every job that ran is a folder; reused repeats ran nothing
     ran = [p for p in (tmp_path / "multirun").glob("*/*/*") if p.is_dir()]
     reused = proc.stdout.count("its values are reused")
     assert len(ran) + reused == 20 and len(ran) >= 10
 
 
-def test_a_grid_runs_every_cell_once_and_reports_the_best(tmp_path):
-    run(tmp_path, "--config-name", "sphere_grid", "-m", "x=1,2,-3", "y=0,3")
+@pytest.mark.parametrize("storage", STORAGES)
+def test_a_grid_runs_every_cell_once_and_reports_the_best(tmp_path, storage, request):
+    run(tmp_path, "--config-name", "sphere_grid", "-m", "x=1,2,-3", "y=0,3",
+        *storage_args(storage, tmp_path, request, "grid"))
     out = results(tmp_path)
     assert out["trials"] == {"complete": 6}
     assert out["best_params"] == {"x": 1, "y": 0} and out["best_value"] == 1.0
 
 
-def test_multi_objective_random_search_gives_unique_non_dominated_solutions_in_range(tmp_path):
+@pytest.mark.parametrize("storage", STORAGES)
+def test_multi_objective_random_search_gives_unique_non_dominated_solutions_in_range(tmp_path, storage, request):
     run(tmp_path, "binh_korn", "-m", "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=7",
-        "hydra.sweeper.n_trials=24")
+        "hydra.sweeper.n_trials=24", *storage_args(storage, tmp_path, request, "binh_korn"))
     out = results(tmp_path)
     sols = out["solutions"]
     assert out["objectives"] == ["minimize", "minimize"] and out["trials"] == {"complete": 24}
@@ -99,30 +118,36 @@ def test_custom_search_space_adds_parameters_that_depend_on_the_drawn_ones(tmp_p
             assert any(o.startswith("z=") for o in t.user_attrs[S.OVERRIDES])
 
 
-def test_an_exception_is_a_failed_trial_and_the_failure_rate_is_per_batch(tmp_path):
-    journal = tmp_path / "studies.journal"
-    common = ["-m", f"hydra.sweeper.storage={journal}", "hydra.sweeper.n_trials=8", "fail_when_x_above=0"]
+@pytest.mark.parametrize("storage", ["journal", "postgresql"])
+def test_an_exception_is_a_failed_trial_and_the_failure_rate_is_per_batch(tmp_path, storage, request):
+    url = str(tmp_path / "studies.journal") if storage == "journal" else request.getfixturevalue("pg").url
+    tag = f"{storage}-{os.getpid()}"
+
+    def load(name: str) -> optuna.Study:
+        return optuna.load_study(study_name=f"{name}-{tag}", storage=S.open_storage(url))
+
+    common = ["-m", f"hydra.sweeper.storage={url}", "hydra.sweeper.n_trials=8", "fail_when_x_above=0"]
     # max_failure_rate 0 (the official default): the first failed batch stops the sweep, with its reason
-    stopped = run(tmp_path, *common, "hydra.sweeper.study_name=strict", ok=False)
+    stopped = run(tmp_path, *common, f"hydra.sweeper.study_name=strict-{tag}", ok=False)
     assert stopped.returncode == 1
     assert "more than hydra.sweeper.max_failure_rate=0%" in stopped.stdout
     assert "RuntimeError: x=" in stopped.stdout and "is above 0" in stopped.stdout
-    strict = optuna.load_study(study_name="strict", storage=S.open_storage(str(journal)))
+    strict = load("strict")
     failed = [t for t in strict.trials if t.state == optuna.trial.TrialState.FAIL]
     assert len(failed) == 1 and failed[0].params["x"] > 0 and len(strict.trials) < 8
     assert failed[0].user_attrs[S.ERROR].startswith("RuntimeError: x=")
     # 1.0: failures never stop it; batches of 2 jobs
-    run(tmp_path, *common, "hydra.sweeper.study_name=lenient", "hydra.sweeper.max_failure_rate=1",
+    run(tmp_path, *common, f"hydra.sweeper.study_name=lenient-{tag}", "hydra.sweeper.max_failure_rate=1",
         "hydra.sweeper.n_jobs=2")
-    lenient = optuna.load_study(study_name="lenient", storage=S.open_storage(str(journal)))
+    lenient = load("lenient")
     states = [t.state for t in lenient.trials]
     assert len(states) == 8 and optuna.trial.TrialState.FAIL in states
     assert all((t.state == optuna.trial.TrialState.FAIL) == (t.params["x"] > 0) for t in lenient.trials)
     # 0.5 over batches of 2: a batch whose two jobs both fail stops it
-    half = run(tmp_path, *common, "fail_when_x_above=-6", "hydra.sweeper.study_name=half",
+    half = run(tmp_path, *common, "fail_when_x_above=-6", f"hydra.sweeper.study_name=half-{tag}",
                "hydra.sweeper.max_failure_rate=0.5", "hydra.sweeper.n_jobs=2", ok=False)
     assert half.returncode == 1 and "2 of the 2 trials of the last batch failed" in half.stdout
-    assert len(optuna.load_study(study_name="half", storage=S.open_storage(str(journal))).trials) == 2
+    assert len(load("half").trials) == 2
 
 
 def test_a_return_value_that_is_not_a_number_fails_the_trial_with_the_reason(tmp_path):
@@ -173,3 +198,43 @@ def test_bad_sweeper_keys_are_named_before_any_job(tmp_path):
         proc = run(tmp_path, "-m", *extra, ok=False)
         assert proc.returncode == 1 and message in proc.stdout, proc.stdout[-2000:]
         assert not list(tmp_path.glob("multirun/*/*/*/.hydra"))
+
+
+def test_the_readme_example_runs_as_printed(tmp_path):
+    """README, "Use the sweepers in your own Hydra app": its two files and its command, verbatim."""
+    text = (PROJECT_ROOT / "README.md").read_text()
+    section = text[text.index("### Use the sweepers in your own Hydra app"):]
+    section = section[:section.index("\n### ", 5)]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)
+    config = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    command = re.search(r"Run it with `(python [^`]+)`", section)
+    assert len(code) == 1 and len(config) == 1 and command, "the README section lost its example"
+    (tmp_path / "sphere.py").write_text(code[0])
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "config.yaml").write_text(config[0])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARETUNE_")}
+    proc = subprocess.run(shlex.split(command.group(1).replace("python", sys.executable, 1)), cwd=tmp_path,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    out = results(tmp_path)
+    best = out["best_params"]
+    assert out["trials"] == {"complete": 20} and out["best_value"] == pytest.approx(best["x"] ** 2 + best["y"] ** 2)
+
+
+def test_the_sweepers_and_their_configs_are_in_the_wheel(tmp_path):
+    """Installable with the project: the plugin's classes and its config group are packaged."""
+    # built from a copy: setuptools writes build/ and *.egg-info beside the sources
+    tree = tmp_path / "tree"
+    shutil.copytree(PROJECT_ROOT, tree, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", ".cache", "build", "*.egg-info", "multirun", "runs", "outputs", "studies", "reports",
+        "wandb", "__pycache__", ".*_cache"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path), str(tree)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [wheel] = list(tmp_path.glob("paretune-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    root = "hydra_plugins/paretune_sweepers/"
+    for name in ("__init__.py", "conf/__init__.py", "conf/hydra/sweeper/optuna.yaml", "conf/hydra/sweeper/grid.yaml",
+                 "conf/hydra/sweeper/hooks/none.yaml", "conf/hydra/sweeper/sampler/tpe.yaml"):
+        assert root + name in names, name
+    assert "src/sweeper/base.py" in names
