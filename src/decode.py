@@ -10,7 +10,12 @@ eval loss. Here:
 - prompts are batched by length (little padding), in larger batches (the weights are read once per
   step for more rows);
 - the cache is transformers' ``StaticCache``: written in place, no per-step copy;
-- finished rows leave the batch (greedy rows that hit the end token no longer cost a forward pass);
+- finished rows leave the batch (greedy rows that hit the end token no longer cost a forward pass),
+  a quarter of the batch at a time: dropping a row copies the whole cache, and a copy per finished
+  row cost more than the finished rows' share of each step;
+- each step attends only over the positions written so far (``_FilledLayer``), not over the whole
+  preallocated cache: a decode step at batch 50 reads every cached key and value, which is as much
+  memory traffic as the weights;
 - the prompt's forward pass and its cache are shared: the eval loss runs only the reference tokens on
   a copy of the prompt's cache (rows grouped by reference length, so little padding), and generation
   continues from the prompt's last state. The loss no longer pays a second pass over the prompt;
@@ -63,6 +68,27 @@ def supported(model: Any) -> bool:
         return all(type(layer) is StaticLayer for layer in cache.layers)
     except Exception:  # noqa: BLE001 - anything this version or config cannot do: use the reference path
         return False
+
+
+def _filled_cache(config: Any, max_cache_len: int) -> Any:
+    """A cache like transformers' ``StaticCache`` (preallocated, written in place) whose layers hand
+    attention only the positions written so far."""
+    from transformers import Cache, StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    class _FilledLayer(StaticLayer):
+        # StaticLayer returns (and masks) all max_cache_len positions, written or not.
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            end = int(self.cumulative_length)
+            return keys[:, :, :end], values[:, :, :end]
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return (int(self.cumulative_length) if self.is_initialized else 0) + query_length, 0
+
+    n = len(StaticCache(config=config, max_cache_len=1).layers)  # allocates nothing until first written
+    return Cache(layers=[_FilledLayer(max_cache_len=max_cache_len) for _ in range(n)])
 
 
 def _base(model: Any) -> Any:
@@ -166,7 +192,7 @@ def _prefill(body: Any, config: Any, batch: list[Example], pad_id: int, room: in
         last.append(hidden[:, -1])
         layers: list[Any] = list(cache.layers)  # static layers (supported() checked): keys and values set
         states.append([(layer.keys, layer.values) for layer in layers])
-    cache = StaticCache(config=config, max_cache_len=width + room)
+    cache = _filled_cache(config, width + room)
     full: list[Any] = list(cache.layers)
     for i, layer in enumerate(full):
         k0, v0 = states[0][i]
@@ -220,30 +246,39 @@ def _reference_losses(body: Any, head: Any, config: Any, cache: Any, last: torch
 
 def _greedy(body: Any, head: Any, cache: Any, last: torch.Tensor, mask: torch.Tensor, width: int,
             max_new_tokens: int, eos_id: int, rows: int) -> list[list[int]]:
-    """Greedy continuation of each prompt, without its end token; rows that end leave the batch."""
+    """Greedy continuation of each prompt, without its end token. Finished rows stay in the batch
+    (their tokens are ignored) until at least ``1/COMPACT`` of it has finished; then they leave it."""
     out: list[list[int]] = [[] for _ in range(rows)]
-    alive = list(range(rows))  # batch rows still generating, in cache row order
+    held = list(range(rows))  # batch rows in the cache, in cache row order
+    done: set[int] = set()
     step_pos = mask[:, :width].sum(-1)
     logits = head(last)
     for step in range(max_new_tokens):
         nxt = logits.argmax(-1)
-        keep = []
-        for k, row in enumerate(alive):
+        for k, row in enumerate(held):
+            if row in done:
+                continue
             token = int(nxt[k])
-            if token != eos_id:
+            if token == eos_id:
+                done.add(row)
+            else:
                 out[row].append(token)
-                keep.append(k)
-        if not keep or step == max_new_tokens - 1:
+        live = [k for k, row in enumerate(held) if row not in done]
+        if not live or step == max_new_tokens - 1:
             break
-        if len(keep) < len(alive):  # the finished rows' cache rows are dropped with them
-            sel = torch.tensor(keep)
+        if len(held) - len(live) >= max(1, len(held) // COMPACT):  # the finished rows' cache rows go with them
+            sel = torch.tensor(live)
             cache.reorder_cache(sel)
             mask, step_pos, nxt = mask[sel], step_pos[sel], nxt[sel]
-            alive = [alive[k] for k in keep]
+            held = [held[k] for k in live]
         at = width + step
         mask[:, at] = 1
-        hidden = body(input_ids=nxt[:, None], attention_mask=mask, position_ids=step_pos[:, None],
+        hidden = body(input_ids=nxt[:, None], attention_mask=mask[:, :at + 1], position_ids=step_pos[:, None],
                       past_key_values=cache, cache_position=torch.tensor([at]), use_cache=True).last_hidden_state
         step_pos += 1
         logits = head(hidden[:, -1])
     return out
+
+
+# Finished rows leave the batch once they are this fraction of it (1/4): each departure copies the cache.
+COMPACT = 4

@@ -136,3 +136,21 @@ def test_under_bf16_autocast_evaluation_takes_the_reference_path():
         scores, rows = evaluate.evaluate(model, _Tok(), examples, _ecfg("fast"), PAD, VOCAB + 1, 2)
     assert len(rows) == 4 and scores["eval/loss"] > 0
     assert evaluate.decoder_for(model, "fast") == "fast"  # outside autocast: the fast path again
+
+
+def test_generation_attends_only_over_the_positions_written_so_far():
+    """The generation cache hands attention the filled positions (and sizes the mask to them), not
+    the whole preallocated length."""
+    config = _model().config
+    cache = decode._filled_cache(config, 20)
+    layer = cache.layers[0]
+    shape = (2, config.num_key_value_heads, 5, config.hidden_size // config.num_attention_heads)
+    keys, values = layer.update(torch.randn(shape), torch.randn(shape))
+    assert keys.shape[2] == values.shape[2] == 5 and layer.keys.shape[2] == 20  # preallocated, written in place
+    assert layer.get_mask_sizes(1) == (6, 0)
+    one = (2, shape[1], 1, shape[3])
+    keys, _ = layer.update(torch.ones(one), torch.ones(one))
+    assert keys.shape[2] == 6 and torch.equal(layer.keys[:, :, 5:6], torch.ones(one))
+    cache.reorder_cache(torch.tensor([1]))  # a finished row leaves: the written length stays
+    single = (1, *one[1:])
+    assert layer.update(torch.zeros(single), torch.zeros(single))[0].shape[:3] == (1, shape[1], 7)
