@@ -61,10 +61,9 @@ class Group:
                     for b in bases)
         if key != self._wkey:
             self._w = torch.cat([b.weight.detach() for b in bases])
-            biases = [b.bias for b in bases]
-            self._b = None if all(b is None for b in biases) else torch.cat([
-                (b.detach() if b is not None else b_.weight.new_zeros(b_.out_features)) for b, b_ in zip(biases, bases,
-                                                                                                   strict=True)])
+            # one bias vector when any member has a bias (zeros for those without), else none
+            self._b = None if all(b.bias is None for b in bases) else torch.cat(
+                [b.weight.new_zeros(b.out_features) if b.bias is None else b.bias.detach() for b in bases])
             self._wkey = key
         return self._w, self._b
 
