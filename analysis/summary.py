@@ -206,12 +206,14 @@ def summarize(data: StudyData, constraints: list[Constraint], tolerance: float =
     check_choices(data, quality, cost, tolerance)
     quality_axis, cost_metric = _pick_axes(data, quality, cost)
     groups = merge(data.completed)
-    for g in groups:
-        g.intervals = _intervals(g)
+    # each trial's per-example scores, read once: the intervals and the front both use them
+    scores = [[per_example(r) for r in g.rows] for g in groups]
+    for g, runs in zip(groups, scores, strict=True):
+        g.intervals = _intervals(g, runs)
         g.violations = [v for c in constraints if (v := c.check(g.mean, g.baseline)) is not None]
     feasible = [g for g in groups if g.feasible]
     directions = [d for _, d in data.objectives]
-    cands = _candidates(feasible)
+    cands = _candidates([(g, runs) for g, runs in zip(groups, scores, strict=True) if g.feasible])
     table = uncertain.Comparisons(cands, data.objectives, tolerance) if cands is not None else None
     if table is not None:
         front = [feasible[i] for i in uncertain.front(table)]
@@ -253,13 +255,13 @@ def summarize(data: StudyData, constraints: list[Constraint], tolerance: float =
                    reference, importance, importance_note, notes, ties, separation, cands is not None)
 
 
-def _intervals(g: Group) -> dict[str, tuple[float, float]]:
-    """Each quality metric's 95% interval over the eval examples (see Group.intervals)."""
+def _intervals(g: Group, runs: list[list[dict[str, Any]]]) -> dict[str, tuple[float, float]]:
+    """Each quality metric's 95% interval over the eval examples (see Group.intervals); ``runs``: the
+    per-example scores of each of the group's trials."""
     if len(g.rows) == 1:
         recorded = (g.rows[0].record or {}).get("intervals") or {}
         return {n: (float(v[0]), float(v[1])) for n, v in recorded.items()
                 if n in M.QUALITY and isinstance(v, list) and len(v) == 2}
-    runs = [per_example(r) for r in g.rows]
     if not all(runs):
         return {}
     scores, weights = uncertain.pooled(runs)
@@ -271,12 +273,11 @@ def _intervals(g: Group) -> dict[str, tuple[float, float]]:
     return out
 
 
-def _candidates(groups: list[Group]) -> list[uncertain.Candidate] | None:
+def _candidates(groups: list[tuple[Group, list[list[dict[str, Any]]]]]) -> list[uncertain.Candidate] | None:
     """The groups with their per-example scores (repeats pooled), or None when some group has none
     (records from before per-example scores were kept): then the plain point-value front is drawn."""
     out = []
-    for g in groups:
-        runs = [per_example(r) for r in g.rows]
+    for g, runs in groups:
         if not any(runs):
             return None
         scores, weights = uncertain.pooled([r for r in runs if r])
