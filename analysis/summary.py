@@ -42,7 +42,14 @@ class Group:
 
     @property
     def params(self) -> dict[str, Any]:
-        return self.rows[0].params
+        """The searched keys, for display: a key whose value differs between merged repeats (their
+        seeds) shows every value, in trial order."""
+        out = dict(self.rows[0].params)
+        for k in out:
+            seen = [r.params.get(k) for r in self.rows]
+            if len({repr(v) for v in seen}) > 1:
+                out[k] = ",".join(str(v) for v in seen)
+        return out
 
     @property
     def baseline(self) -> dict[str, float]:

@@ -22,7 +22,12 @@ def parse(overrides: Iterable[str], config_loader: Any = None) -> list[Override]
 
 def key(override: Override) -> str:
     """The config key an override sets, without its ``+``/``++``/``~`` prefix."""
-    return str(override.get_key_element()).lstrip(_PREFIXES)
+    return bare(str(override.get_key_element()))
+
+
+def bare(name: str) -> str:
+    """A key as typed (``+confirm``, ``~x``) without its prefix."""
+    return name.lstrip(_PREFIXES)
 
 
 def values(overrides: Iterable[str]) -> dict[str, Any]:

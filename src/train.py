@@ -147,8 +147,9 @@ def _study_info(cfg: DictConfig, overrides: list[str]) -> dict[str, Any] | None:
     if cfg.study.name is None:
         return None
     values = overrides_.values(overrides)
+    # the sweeper names a key as typed (+confirm); its override value is keyed without the prefix
     return {"name": cfg.study.name, "trial": cfg.study.trial,
-            "params": {k: values.get(k) for k in cfg.study.params}}
+            "params": {k: values.get(overrides_.bare(k)) for k in cfg.study.params}}
 
 
 def trial_identity(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
