@@ -177,8 +177,14 @@ def from_storage(study_name: str, storage: str) -> StudyData:
               TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
     rows = []
     unreadable: list[tuple[str, str]] = []
+    seen: set[str] = set()
     for t in study.get_trials(deepcopy=False):
         attrs = t.user_attrs
+        path = attrs.get(S.RESULT_PATH)
+        if attrs.get(S.REPEAT_OF) is not None and path in seen:
+            continue  # a repeat whose values were reused (on_repeat=reuse): the same record, not a measurement
+        if path:
+            seen.add(path)
         record, why = read_record(attrs[S.RESULT_PATH]) if attrs.get(S.RESULT_PATH) else (None, None)
         if why is not None and t.state not in (TrialState.RUNNING, TrialState.WAITING):
             # The study's own attrs still give this trial's metrics; the record's extras are lost.

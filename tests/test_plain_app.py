@@ -238,3 +238,69 @@ def test_the_sweepers_and_their_configs_are_in_the_wheel(tmp_path):
                  "conf/hydra/sweeper/hooks/none.yaml", "conf/hydra/sweeper/sampler/tpe.yaml"):
         assert root + name in names, name
     assert "src/sweeper/base.py" in names
+
+
+def test_parameters_in_flight_in_the_same_batch_get_their_own_seed(tmp_path):
+    """Two trials of one batch (n_jobs=2) with the same parameters: the second runs with another seed,
+    as a repeat of a completed trial would, so no (parameters, seed) pair runs twice."""
+    journal = tmp_path / "s.journal"
+    run(tmp_path, "-m", f"hydra.sweeper.storage={journal}", "hydra.sweeper.n_trials=8", "hydra.sweeper.n_jobs=2",
+        "x=choice(1,2)", "y=0", "hydra.sweeper.seed_key=seed", "hydra.sweeper.study_name=pairs")
+    study = optuna.load_study(study_name="pairs", storage=S.open_storage(str(journal)))
+    trials = {t.number: t for t in study.trials}
+    copies = [t for t in study.trials if S.REPEAT_OF in t.user_attrs
+              and t.user_attrs[S.SEED] == trials[t.user_attrs[S.REPEAT_OF]].user_attrs[S.SEED]]
+    ran = [t for t in study.trials if t not in copies]
+    pairs = [(t.params["x"], t.user_attrs[S.SEED]) for t in ran]
+    assert len(pairs) == len(set(pairs)) >= 2 and len(study.trials) == 8
+    for t in ran:  # the seed each trial records is the one its job ran with
+        assert t.values[0] == pytest.approx(sphere(t.params["x"], 0, t.user_attrs[S.SEED]))
+
+
+def test_the_per_batch_failure_rule_is_the_official_one():
+    from src.sweeper.base import _Outcome
+
+    for rate, size, failed, stops in ((0.5, 2, 1, False), (0.5, 2, 2, True), (0.29, 100, 29, False),
+                                      (0.29, 100, 30, True), (0.0, 1, 1, True), (1.0, 3, 3, False)):
+        outcome = _Outcome(rate, "batch")
+        outcome.failed = [(i, "boom") for i in range(failed)]
+        if stops:
+            with pytest.raises(S.StudyError, match=f"{failed} of the {size} trials of the last batch failed"):
+                outcome.check(size, failed)
+        else:
+            outcome.check(size, failed)
+
+
+def test_any_iterable_of_numbers_is_a_multi_objective_return_value():
+    import numpy as np
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from src.sweeper.jobs import from_return
+
+    ret = JobReturn()
+    ret.status, ret.return_value = JobStatus.COMPLETED, np.array([1.5, 2.0])
+    assert from_return(Path("."), ret, ["a", "b"]).values == [1.5, 2.0]
+    ret.return_value = "high"
+    error = from_return(Path("."), ret, ["a"]).error
+    assert error is not None and error.startswith("the task function returned 'high'")
+
+
+def test_analysis_reads_a_reused_repeat_once(tmp_path):
+    """A reused repeat points at its original's record: analysis must not count it as a second run."""
+    from analysis.trials import from_storage
+    from src import results
+
+    storage = str(tmp_path / "s.journal")
+    study = optuna.create_study(study_name="r", storage=S.open_storage(storage), directions=["minimize"])
+    record = tmp_path / "0" / results.RESULT_FILE
+    record.parent.mkdir()
+    record.write_text("{}")
+    dist = {"x": optuna.distributions.CategoricalDistribution([1, 2])}
+    for n in range(2):
+        study.enqueue_trial({"x": 1})
+        t = study.ask(dist)
+        t.set_user_attr(S.RESULT_PATH, str(record))
+        if n:
+            t.set_user_attr(S.REPEAT_OF, 0)
+        study.tell(t, [1.0])
+    assert [r.number for r in from_storage("r", storage).rows] == [0]

@@ -93,6 +93,7 @@ class StudySweeper(Sweeper):
         if self.failure_scope not in FAILURE_SCOPES:
             raise S.StudyError(f"hydra.sweeper.failure_scope: must be one of {list(FAILURE_SCOPES)}, "
                                f"got {self.failure_scope!r}")
+        self.check_settings()
         names, directions = self.objectives()
         self.names = names
         overrides_in = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
@@ -136,6 +137,8 @@ class StudySweeper(Sweeper):
         return outcome.returns
 
     # ---- for subclasses -----------------------------------------------------------------------
+    def check_settings(self) -> None:
+        """Refuse a subclass's own bad keys before the study is opened or created."""
     def make_sampler(self, space: SearchSpace, n_objectives: int) -> optuna.samplers.BaseSampler | None:
         return None
 
@@ -314,7 +317,7 @@ class _Outcome:
 
     def check(self, batch_size: int, batch_failed: int) -> None:
         if self.scope == "batch":
-            if batch_failed == 0 or batch_failed <= self.max_rate * batch_size:
+            if batch_failed == 0 or batch_failed / batch_size <= self.max_rate:  # the official plugin's test
                 return
             head = (f"{batch_failed} of the {batch_size} trials of the last batch failed, more than "
                     f"hydra.sweeper.max_failure_rate={self.max_rate:.0%} of them; the sweep stops.")

@@ -11,7 +11,7 @@ objective names, and returns a ``JobOutcome``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,10 +44,11 @@ def from_return(out_dir: Path, ret: JobReturn | None, names: Sequence[str]) -> J
     if ret is None:
         return JobOutcome(None, "the job did not return (the launcher stopped first)")
     value = ret.return_value
+    many = isinstance(value, Iterable) and not isinstance(value, str | bytes)  # a list, tuple, array, tensor
     try:
-        if len(names) == 1 and not isinstance(value, Sequence | str):
+        if len(names) == 1 and not many:
             values = [float(value)]
-        elif isinstance(value, Sequence) and not isinstance(value, str):
+        elif many:
             values = [float(v) for v in value]
         else:
             raise TypeError

@@ -77,12 +77,14 @@ class OptunaSweeper(StudySweeper):
             log.info("the grid has %d points: running at most %d trials", size, size)
         return min(self.n_trials, size)
 
-    def run(self, study: optuna.Study, space: SearchSpace, leases: S.Leases, outcome: _Outcome) -> None:
+    def check_settings(self) -> None:
         if self.on_repeat not in REPEATS:
             raise S.StudyError(f"hydra.sweeper.on_repeat: must be one of {list(REPEATS)}, got {self.on_repeat!r}")
         if self.on_repeat == "new_seed" and not self.seed_key:
             raise S.StudyError("hydra.sweeper.on_repeat=new_seed needs hydra.sweeper.seed_key (the config key of "
                                "the task's random seed, e.g. train.seed); or use on_repeat=reuse")
+
+    def run(self, study: optuna.Study, space: SearchSpace, leases: S.Leases, outcome: _Outcome) -> None:
         extend = get_method(self.custom_search_space) if self.custom_search_space else None
         keys = list(space.distributions)
         limit = self._limit(space)
@@ -94,59 +96,68 @@ class OptunaSweeper(StudySweeper):
                 if self.retry_stale:
                     S.retry_stale(study)
                 room = limit - S.counted(study.get_trials(deepcopy=False))
-                while room > 0 and len(batch) < self.n_jobs:
-                    room -= 1
-                    trial = study.ask(self.distributions)
-                    if extend is not None:  # the official key: a function(cfg, trial) suggesting more params
-                        extend(self.config, trial)
-                    params = dict(trial.params)
-                    ovr = space.overrides(params)
-                    if self._repeat(study, trial, params, ovr, outcome):
-                        continue
-                    leases.take(trial._trial_id)  # noqa: SLF001
-                    batch.append((trial, ovr + self.trial_overrides(study, trial, keys)))
-            if not batch:
-                if room <= 0:
-                    log.info("study '%s' has its %d trials", study.study_name, limit)
-                    return
-                continue  # every trial asked was a reused repeat: ask again
+                asked: list[optuna.Trial] = []
+                try:
+                    while room > 0 and len(batch) < self.n_jobs:
+                        room -= 1
+                        trial = study.ask(self.distributions)
+                        asked.append(trial)
+                        if extend is not None:  # the official key: a function(cfg, trial) suggesting more params
+                            extend(self.config, trial)
+                        params = dict(trial.params)
+                        ovr = space.overrides(params)
+                        if self._repeat(study, trial, params, ovr, outcome):
+                            continue
+                        leases.take(trial._trial_id)  # noqa: SLF001
+                        batch.append((trial, ovr + self.trial_overrides(study, trial, keys)))
+                except BaseException as exc:
+                    # nothing asked here may stay RUNNING (it would later count as a lost worker's);
+                    # fail_trial leaves a reused repeat, already told, as it is
+                    why = f"the sweep stopped before it ran: {type(exc).__name__}: {exc}"
+                    for t in asked:
+                        S.fail_trial(study, t._trial_id, why)  # noqa: SLF001
+                        leases.release(t._trial_id)  # noqa: SLF001
+                    raise
+            if not batch:  # room is used up (a batch ends early only then), reused repeats included
+                log.info("study '%s' has its %d trials", study.study_name, limit)
+                return
             self.launch(study, batch, leases, outcome)
 
     def _repeat(self, study: optuna.Study, trial: optuna.Trial, params: dict[str, Any], ovr: list[str],
                 outcome: _Outcome) -> bool:
-        """Handle parameters the study already completed: True when the trial was told without a run
-        (``reuse``); with ``new_seed`` the seed override is added to ``ovr`` and the trial runs."""
+        """Handle parameters the study already holds. True when the trial was told a completed trial's
+        values without a run (``reuse``). Otherwise it runs; when another trial of these parameters
+        (completed, or running now in this batch or another worker) has its seed, with the next seed no
+        such trial has (added to ``ovr``), so no parameter set runs twice with one seed."""
         seed = self._seed(ovr) if self.seed_key else None
-        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.params == params and t.user_attrs.get(SEED) == seed]
-        if seed is not None and (self.on_repeat == "reuse" or not done):
-            trial.set_user_attr(SEED, seed)
-        if not done:
-            return False
-        first = done[0]
-        if self.on_repeat == "new_seed":
-            assert self.seed_key is not None and seed is not None
-            used = {t.user_attrs.get(SEED) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
-                                                                                                 TrialState.RUNNING))
-                    if t.params == params}
+        same = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+                if t.number != trial.number and t.params == params]
+        done = [t for t in same if t.state == TrialState.COMPLETE and t.user_attrs.get(SEED) == seed]
+        if self.on_repeat == "reuse" and done:
+            first = done[0]
+            for key, value in first.user_attrs.items():
+                if key not in (S.OWNER, S.LEASE_UNTIL, S.RETRY_OF):
+                    trial.set_user_attr(key, value)
+            trial.set_user_attr(REPEAT_OF, first.number)
+            tell(study, trial, list(first.values))
+            outcome.completed += 1
+            log.info("trial %d repeats the parameters of completed trial %d: its values are reused, nothing runs "
+                     "(on_repeat=reuse)", trial.number, first.number)
+            return True
+        used = {t.user_attrs.get(SEED) for t in same}
+        if seed is not None and seed in used:
+            assert self.seed_key is not None
             new = seed + 1
             while new in used:
                 new += 1
             ovr.append(f"{self.seed_key}={new}")
-            trial.set_user_attr(SEED, new)
-            trial.set_user_attr(REPEAT_OF, first.number)
-            log.info("trial %d repeats the parameters of trial %d: it runs with %s=%d (on_repeat=new_seed)",
-                     trial.number, first.number, self.seed_key, new)
-            return False
-        for key, value in first.user_attrs.items():
-            if key not in (S.OWNER, S.LEASE_UNTIL, S.RETRY_OF):
-                trial.set_user_attr(key, value)
-        trial.set_user_attr(REPEAT_OF, first.number)
-        tell(study, trial, list(first.values))
-        outcome.completed += 1
-        log.info("trial %d repeats the parameters of completed trial %d: its values are reused, nothing runs "
-                 "(on_repeat=reuse)", trial.number, first.number)
-        return True
+            trial.set_user_attr(REPEAT_OF, min(t.number for t in same if t.user_attrs.get(SEED) == seed))
+            log.info("trial %d repeats parameters another trial has with %s=%d: it runs with %s=%d "
+                     "(on_repeat=%s)", trial.number, self.seed_key, seed, self.seed_key, new, self.on_repeat)
+            seed = new
+        if seed is not None:
+            trial.set_user_attr(SEED, seed)
+        return False
 
     def _seed(self, ovr: list[str]) -> int | None:
         """The seed a job with these overrides would run with (its composed config's ``seed_key``); None
@@ -163,5 +174,4 @@ class OptunaSweeper(StudySweeper):
 
 
 REPEATS = ("reuse", "new_seed")
-SEED = "seed"            # user attr: the seed a trial ran with (when seed_key is set)
-REPEAT_OF = "repeat_of"  # user attr: the completed trial whose parameters this one repeats
+SEED, REPEAT_OF = S.SEED, S.REPEAT_OF

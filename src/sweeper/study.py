@@ -51,6 +51,8 @@ LEASE_UNTIL = "lease_until"
 STALE = "stale"            # the trial was failed because its worker was lost or interrupted
 RETRY_OF = "retry_of"      # this trial re-runs the parameters of that (stale) trial number
 OVERRIDES = "overrides"
+SEED = "seed"              # the seed a trial ran with (when the sweeper knows the task's seed key)
+REPEAT_OF = "repeat_of"    # the trial whose parameters this one repeats (reused values, or a new seed)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
