@@ -7,7 +7,9 @@ Python, importable by tests and by sweepers.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import signal
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -174,6 +176,8 @@ register_configs()
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> list[float] | None:
     """Run one trial; return its objectives in declared order, or None when it did not complete."""
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: where a run that seems stuck is waiting.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         trial_dir, info = trial_identity(cfg)
     except OmegaConfBaseException as exc:  # study.name='${nope}': nothing has started, not even a record

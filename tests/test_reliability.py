@@ -287,7 +287,14 @@ def test_ctrl_c_of_a_single_trial_records_it_interrupted_without_a_traceback(tmp
         time.sleep(0.2)
     time.sleep(3)  # the worker is importing or training
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)  # the run's threads' stacks, to stderr: where it waits
+        time.sleep(2)
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"no exit within 120 s of SIGINT; the run's stacks:\n{err[-6000:]}") from None
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "interrupted" in err
     record = json.loads((run / "result.json").read_text())
