@@ -209,6 +209,7 @@ class TrainConfig:
     log_every: int = MISSING
     worker_timeout_s: float = MISSING
     memory_limit_mb: int | None = MISSING
+    warm_worker: bool = MISSING
 
 
 @dataclass

@@ -1,29 +1,37 @@
 """The trial's worker process: its environment (threads, allocator) and its life (spawn, stream its
 output, enforce the timeout, report how it ended).
 
-A fresh process per trial because thread pools, OpenMP settings and a preloaded allocator can only
-be chosen before torch loads, and Hydra's launchers reuse one process for every job.
+A process per trial because thread pools, OpenMP settings and a preloaded allocator can only be
+chosen before torch loads, and Hydra's launchers reuse one process for every job. In a sweep that
+process is forked from a warm worker started with the same settings (src/warm.py, ``WarmPool``),
+which has already paid for the imports; otherwise it is a fresh ``python -m src.worker``.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import io
+import logging
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from src import cpu, results
 from src.paths import PROJECT_ROOT
+
+log = logging.getLogger("paretune")
 
 # Never handed to the worker: it needs no credentials, and a crash dump must not contain them.
 # The worker needs neither: the W&B key, and the study storage URL (which may carry a password).
@@ -38,6 +46,9 @@ def worker_env(cfg: Any, base: dict[str, str] | None = None) -> dict[str, str]:
     env.update(cpu.env(cfg.cpu, cpu.threads_for(cfg.cpu)))
     env.update({
         "TOKENIZERS_PARALLELISM": "false",  # the tokenizer's own pool would compete for the same cores
+        # numpy's (and scipy's) OpenBLAS starts its pool when imported; torch does every heavy product with
+        # its own threads. One thread also keeps a warm worker single-threaded, so it can fork (src/warm.py).
+        "OPENBLAS_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p),
     })
@@ -119,15 +130,23 @@ def _tail(path: Path, n_bytes: int = 4000) -> str:
 
 
 def run_worker(trial_dir: Path, env: dict[str, str], timeout_s: float, python: str = sys.executable,
-               preexec: Callable[[], None] | None = None) -> WorkerExit:
+               preexec: Callable[[], None] | None = None, warm_key: Hashable | None = None) -> WorkerExit:
     """Run ``python -m src.worker trial_dir`` in its own process group and wait for it.
 
-    ``preexec`` runs in the child before it executes Python (e.g. pinning it to cores)."""
+    ``preexec`` runs in the child before it executes Python (e.g. pinning it to cores). With
+    ``warm_key`` (which must identify what ``preexec`` does), the worker is forked from a warm worker
+    started once with this interpreter, environment and ``preexec`` (src/warm.py); without one, or
+    when no warm worker can serve, it is a fresh process."""
     log_path = trial_dir / results.WORKER_LOG
+    proc: Any = None
+    if warm_key is not None:
+        proc = WARM.start(trial_dir, python, env, preexec, warm_key)
+    # The worker's life, from its fork or start: a warm worker's own start is the sweep's time, not the trial's.
     start = time.perf_counter()
-    proc = subprocess.Popen([python, "-m", "src.worker", str(trial_dir)], env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=_die_with_parent(os.getpid(), preexec))
+    if proc is None:
+        proc = subprocess.Popen([python, "-m", "src.worker", str(trial_dir)], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_parent(os.getpid(), preexec))
     assert proc.stdout is not None
     echo = getattr(sys.stderr, "buffer", sys.stderr)
     tee = threading.Thread(target=_tee, args=(proc.stdout, log_path, echo), daemon=True)
@@ -143,6 +162,8 @@ def run_worker(trial_dir: Path, env: dict[str, str], timeout_s: float, python: s
         raise
     finally:
         tee.join(timeout=10)
+        if not tee.is_alive():
+            proc.stdout.close()
     return WorkerExit(proc.returncode, timed_out, time.perf_counter() - start, _tail(log_path))
 
 
@@ -163,9 +184,165 @@ def _die_with_parent(parent: int, then: Callable[[], None] | None) -> Callable[[
 _PR_SET_PDEATHSIG = 1
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+def _kill_group(proc: Any) -> None:
+    """SIGKILL the worker's process group, then reap the worker (a Popen, or a warm worker's _Forked)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     proc.wait()
+
+
+# ---- warm workers (src/warm.py): the parent's side -------------------------------------------------
+class _Forked:
+    """A trial's process forked by a warm worker, with the part of Popen's interface run_worker uses.
+
+    Its exit status comes from the warm worker, which reaps it. Killing it by process group is safe
+    from pid reuse as long as its exit has not been read: the warm worker reaps it only just before
+    it says so."""
+
+    def __init__(self, server: _WarmServer, pid: int, stdout: io.BufferedReader) -> None:
+        self.server, self.pid, self.stdout = server, pid, stdout
+        self.returncode: int | None = None
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is not None:
+            return self.returncode
+        try:
+            message = self.server.receive(timeout)
+        except TimeoutError:
+            raise subprocess.TimeoutExpired(["src.worker", str(self.pid)], timeout or 0.0) from None
+        if message is None or message.get("pid") != self.pid or "returncode" not in message:
+            # The warm worker died (its children die with it: PDEATHSIG) or broke the protocol.
+            self.server.close()
+            self.returncode = -signal.SIGKILL
+        else:
+            self.returncode = int(message["returncode"])
+        self.server.busy = False
+        return self.returncode
+
+
+class _WarmServer:
+    """One warm worker process and the socket to it."""
+
+    def __init__(self, python: str, env: dict[str, str], preexec: Callable[[], None] | None,
+                 ready_timeout_s: float) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock, self.busy, self.closed = ours, False, False
+        self.output = tempfile.TemporaryFile()  # noqa: SIM115 - its import warnings; read when it fails
+        try:
+            self.proc = subprocess.Popen([python, "-m", "src.warm", str(theirs.fileno())], env=env,
+                                         stdin=subprocess.DEVNULL, stdout=self.output, stderr=subprocess.STDOUT,
+                                         pass_fds=(theirs.fileno(),), start_new_session=True,
+                                         preexec_fn=_die_with_parent(os.getpid(), preexec))
+        finally:
+            theirs.close()
+        try:
+            ready = self.receive(ready_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        if ready is None or "ready" not in ready:
+            self.close()
+            raise OSError(f"the warm worker did not start: {self.output_tail()}")
+        self.pid, self.import_s = int(ready["ready"]), float(ready["import_s"])
+
+    def receive(self, timeout: float | None) -> dict[str, Any] | None:
+        from src import warm
+
+        self.sock.settimeout(timeout)
+        try:
+            return warm.receive(self.sock)[0]
+        except (ConnectionError, ValueError):
+            return None
+
+    def fork(self, trial_dir: Path) -> _Forked | str:
+        """The trial's process, or why the warm worker refused to fork."""
+        from src import warm
+
+        read_end, write_end = os.pipe()
+        try:
+            self.busy = True
+            warm.send(self.sock, {"argv": [str(trial_dir)], "cwd": os.getcwd()}, [write_end])
+        finally:
+            os.close(write_end)  # the child holds its own copy; EOF comes when the child exits
+        reply = self.receive(30.0)
+        if reply is None or "pid" not in reply:
+            os.close(read_end)
+            self.busy = False
+            return str((reply or {}).get("refused") or f"no answer from the warm worker: {self.output_tail()}")
+        return _Forked(self, int(reply["pid"]), os.fdopen(read_end, "rb"))
+
+    def output_tail(self) -> str:
+        with contextlib.suppress(OSError, ValueError):
+            self.output.seek(0)
+            return self.output.read()[-2000:].decode("utf-8", "replace").strip() or "(no output)"
+        return "(no output)"
+
+    def close(self) -> None:
+        """Stop the warm worker: its loop ends on EOF; a busy one is killed (with its child)."""
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.output.close()
+
+
+class WarmPool:
+    """The warm workers of this process, one per (interpreter, environment, pre-exec settings)."""
+
+    def __init__(self) -> None:
+        self._servers: dict[Hashable, _WarmServer] = {}
+        self._refused: set[Hashable] = set()
+        self._lock = threading.Lock()
+
+    def start(self, trial_dir: Path, python: str, env: dict[str, str], preexec: Callable[[], None] | None,
+              warm_key: Hashable, ready_timeout_s: float = 600.0) -> _Forked | None:
+        """The trial's process forked from the matching warm worker (started now if there is none),
+        or None for a fresh process: when that warm worker is busy with another trial, or cannot serve."""
+        key = (python, tuple(sorted(env.items())), warm_key)
+        with self._lock:
+            if key in self._refused:
+                return None
+            server = self._servers.get(key)
+            if server is not None and (server.busy or server.closed):
+                if server.busy:
+                    return None
+                del self._servers[key]
+                server = None
+            if server is None:
+                try:
+                    server = _WarmServer(python, env, preexec, ready_timeout_s)
+                except (OSError, TimeoutError) as exc:
+                    log.warning("no warm worker (%s); trials with these settings start fresh processes", exc)
+                    self._refused.add(key)
+                    return None
+                self._servers[key] = server
+            server.busy = True
+        forked = server.fork(trial_dir)
+        if isinstance(forked, str):
+            log.warning("the warm worker refused a trial (%s); trials with these settings start fresh "
+                        "processes", forked)
+            with self._lock:
+                self._refused.add(key)
+                self._servers.pop(key, None)
+            server.close()
+            return None
+        return forked
+
+    def close(self) -> None:
+        with self._lock:
+            servers, self._servers = list(self._servers.values()), {}
+        for server in servers:
+            server.close()
+
+
+WARM = WarmPool()
+atexit.register(WARM.close)

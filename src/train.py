@@ -96,9 +96,13 @@ def run_trial(cfg: DictConfig, trial_dir: Path, trial: dict[str, Any]) -> TrialR
 
     timeout_s = float(cfg.train.worker_timeout_s)
     preexec = runtime.limits(cfg.train.memory_limit_mb, then=cpu.preexec(cfg.cpu))
+    # A sweep's trials fork from a warm worker (src/warm.py), keyed by what preexec does; a single trial
+    # would only pay the same imports in another process.
+    warm_key = ((cfg.train.memory_limit_mb, tuple(cpu.parse_cores(cfg.cpu.cores) or ()))
+                if cfg.train.warm_worker and trial.get("job_num") is not None else None)
     try:
         exit_ = runtime.run_worker(trial_dir, runtime.worker_env(cfg), timeout_s, preexec=preexec,
-                                   python=quant.worker_python(cfg.quant, cfg.paths.ipex_python))
+                                   python=quant.worker_python(cfg.quant, cfg.paths.ipex_python), warm_key=warm_key)
     except KeyboardInterrupt:
         # The worker is already killed (run_worker); the trial still gets its record, as interrupted.
         _record_interrupted(plain, trial, trial_dir)

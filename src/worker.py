@@ -160,6 +160,9 @@ class Inputs:
 def run(t: Trial) -> None:
     """The trial's stages in order; each one outside training and evaluation is timed, and together
     they are the sweep's overhead."""
+    t.run["process"] = _process()
+    log.info("worker pid %d (%s)", os.getpid(), t.run["process"]["start"]
+             + (f" {t.run['process']['warm_worker_pid']}" if t.run["process"]["warm_worker_pid"] else ""))
     with t.timed("import"):  # torch, transformers, peft and the metrics, through the stages' modules
         from src import baseline, cost, cpu, data, evaluate, interference, loop, model, quant  # noqa: F401
     with t.timed("cpu_probe"):
@@ -181,6 +184,15 @@ def run(t: Trial) -> None:
     after_eval = interference.snapshot()
     t.cost_info["interference"] = _interference(stats, sampler.samples, before_eval, after_eval)
     _account(t, stats, scores, eval_s, meter)
+
+
+def _process() -> dict[str, Any]:
+    """How this process started: fresh, or forked from a warm worker (src/warm.py; imports already done)."""
+    from src import warm
+
+    server = os.environ.get(warm.ENV_FLAG)
+    return {"pid": os.getpid(), "start": "forked from warm worker" if server else "fresh",
+            "warm_worker_pid": int(server) if server else None}
 
 
 def _apply_cpu(t: Trial) -> None:
@@ -404,8 +416,9 @@ def main(argv: list[str]) -> int:
     return 0 if result.status == "completed" else 1
 
 
-if __name__ == "__main__":
-    code = main(sys.argv)
+def cli(argv: list[str]) -> None:
+    """Run the trial, then leave the process at once (also the entry of a child of a warm worker)."""
+    code = main(argv)
     # Everything is written (result.json atomically, the logs closed): skip the interpreter's teardown,
     # which takes about 1.7 s after torch and transformers are loaded (measured on 2 cores) and would
     # be paid by every trial of a sweep.
@@ -413,3 +426,7 @@ if __name__ == "__main__":
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":
+    cli(sys.argv)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -78,18 +79,14 @@ def _fault_configs(tmp_path: Path) -> Path:
 
 
 def _worker_pid(trial_dir: Path, timeout_s: float = 120) -> int:
+    """The trial's worker process, from the first line it logs (a fresh process or a warm worker's fork)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"src.worker" in argv and str(trial_dir).encode() in argv:
-                return int(entry.name)
-        time.sleep(0.2)
+        with contextlib.suppress(OSError):
+            found = re.search(r"worker pid (\d+) \(", (trial_dir / "worker.log").read_text(errors="replace"))
+            if found:
+                return int(found.group(1))
+        time.sleep(0.1)
     raise AssertionError("the worker never started")
 
 
