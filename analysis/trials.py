@@ -196,6 +196,8 @@ def from_storage(study_name: str, storage: str) -> StudyData:
         overrides = list(attrs.get(S.OVERRIDES) or (record or {}).get("trial", {}).get("overrides", []))
         status = states[t.state]
         error = attrs.get(S.ERROR) or ((record or {}).get("error") or {}).get("message")
+        if t.state == TrialState.PRUNED:
+            error = f"pruned by the study's pruner at step {t.last_step}"
         rows.append(TrialRow(
             number=t.number, status=status, params=safe(dict(t.params)), overrides=safe(overrides),
             metrics=metrics, baseline=baseline,
@@ -263,8 +265,7 @@ def from_records(paths: Iterable[Path], study_name: str | None = None) -> StudyD
         rows.append(TrialRow(
             number=int(number), status=str(r.get("status")), params=safe(params), overrides=safe(overrides),
             metrics=dict(r.get("metrics") or {}), baseline=dict(r.get("baseline") or {}),
-            values=_objective_values(r, names), error=safe((r.get("error") or {}).get("message")),
-            result_path=str(path.resolve()), record=r))
+            values=_objective_values(r, names), error=safe(_reason(r)), result_path=str(path.resolve()), record=r))
     rows.sort(key=lambda row: row.number)
     names_seen = {_study(r).get("name") for _, r in records}
     name = study_name or (next(iter(names_seen)) if len(names_seen) == 1 and None not in names_seen else None)
@@ -289,3 +290,10 @@ def per_example(row: TrialRow) -> list[dict[str, Any]]:
         return results.read_jsonl(Path(row.result_path).parent / name)
     except (OSError, ValueError):
         return []
+
+
+def _reason(record: dict[str, Any]) -> str | None:
+    """Why a trial did not complete: its error, or the step the study's pruner stopped it at."""
+    if record.get("status") == "pruned":
+        return f"pruned by the study's pruner at step {((record.get('run') or {}).get('pruned') or {}).get('step')}"
+    return (record.get("error") or {}).get("message")

@@ -222,6 +222,8 @@ class EvalConfig:
     metrics: list[EvalMetric] = MISSING
     bertscore_package: str = MISSING
     bertscore_num_layers: int = MISSING
+    signal_every: int = MISSING
+    signal_examples: int = MISSING
 
 
 @dataclass
@@ -477,6 +479,8 @@ def validate(cfg: DictConfig) -> None:
     _range(errors, "eval.max_new_tokens", e.max_new_tokens, 1, 8192)
     _range(errors, "eval.batch_size", e.batch_size, 1, 4096)
     _range(errors, "eval.bertscore_num_layers", e.bertscore_num_layers, 1, 64)
+    _range(errors, "eval.signal_every", e.signal_every, 1)
+    _range(errors, "eval.signal_examples", e.signal_examples, 1)
     if EvalMetric.bertscore in list(e.metrics) and package_dir(e.bertscore_package) is None:
         errors.append(f"eval.bertscore_package: '{e.bertscore_package}' is not installed; run `make setup`")
     c = cfg.cost

@@ -47,6 +47,7 @@ class Decoded:
     loss_counts: list[int] | None
     gen_seconds: float        # decoding after the shared pass, plus the share of that pass spent on prompts
     loss_seconds: float       # the shared pass's share spent on reference tokens
+    prompt_seconds: float = 0.0  # the prompt pass alone (inside gen_seconds when there is generation)
 
 
 def supported(model: Any) -> bool:
@@ -160,7 +161,8 @@ def run(model: Any, examples: list[Example], max_new_tokens: int, batch_size: in
     # own prefill is), else to the loss.
     gen_s = spent["gen"] + (spent["prompt"] if with_generation else 0.0)
     loss_s = spent["loss"] + (0.0 if with_generation else spent["prompt"])
-    return Decoded(tokens, sums if with_loss else None, counts if with_loss else None, gen_s, loss_s)
+    return Decoded(tokens, sums if with_loss else None, counts if with_loss else None, gen_s, loss_s,
+                   spent["prompt"])
 
 
 def _prefill(body: Any, config: Any, batch: list[Example], pad_id: int, room: int,

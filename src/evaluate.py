@@ -35,7 +35,7 @@ class Generation:
 def eval_loss(model: Any, examples: list[Example], batch_size: int, pad_id: int) -> float:
     """Mean cross-entropy per summary token (token-weighted across examples, padding excluded), from
     teacher-forced passes over prompt + reference (the hf decoder's loss)."""
-    losses = _losses_batched(model, examples, batch_size, pad_id)
+    losses = losses_batched(model, examples, batch_size, pad_id)
     return sum(s for s, _ in losses) / sum(c for _, c in losses)
 
 
@@ -181,11 +181,12 @@ def _loss_and_generation(model: Any, tokenizer: Any, examples: list[Example], ec
             gen = Generation(texts, sum(len(ids) + 1 for ids in d.tokens), d.gen_seconds)
         if with_loss:
             spent["eval_loss_s"] = d.loss_seconds
+        spent["eval_prompt_s"] = d.prompt_seconds  # the prompt pass: what no decoding speed-up can remove
         return losses, gen
     losses = None
     if with_loss:
         t0 = time.perf_counter()
-        losses = _losses_batched(model, examples, loss_batch_size, pad_id)
+        losses = losses_batched(model, examples, loss_batch_size, pad_id)
         spent["eval_loss_s"] = time.perf_counter() - t0
     gen = None
     if with_gen:
@@ -194,7 +195,7 @@ def _loss_and_generation(model: Any, tokenizer: Any, examples: list[Example], ec
 
 
 @torch.no_grad()
-def _losses_batched(model: Any, examples: list[Example], batch_size: int, pad_id: int) -> list[tuple[float, int]]:
+def losses_batched(model: Any, examples: list[Example], batch_size: int, pad_id: int) -> list[tuple[float, int]]:
     """Summed cross-entropy and token count per example, from batched teacher-forced passes."""
     from src.loop import label_logits
 

@@ -45,7 +45,8 @@ def _arguments(tcfg: Any, steps: int, out_dir: Path) -> Any:
 
 
 def train(model: Any, tokenizer: Any, examples: list[Example], tcfg: Any, out_dir: Path,
-          on_log: Any) -> TrainStats:
+          on_log: Any, on_step: Any = None) -> TrainStats:
+    """``on_step``: as in loop.train (True stops training after that step; its time is not training's)."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
 
     steps = total_steps(tcfg, len(examples))
@@ -71,6 +72,14 @@ def train(model: Any, tokenizer: Any, examples: list[Example], tcfg: Any, out_di
             if tcfg.time_budget_s is not None and stats.train_s >= tcfg.time_budget_s and state.global_step < steps:
                 stats.stopped_by = "time_budget"
                 control.should_training_stop = True
+            if on_step is not None:
+                t_hook = time.perf_counter()
+                if on_step(state.global_step):
+                    stats.stopped_by = "pruned"
+                    control.should_training_stop = True
+                hook_s = time.perf_counter() - t_hook
+                self.start += hook_s  # neither the step's time nor train_s includes the hook's
+                self.last += hook_s
             self.pending: dict[str, Any] | None = {"step": state.global_step, M.TRAIN_TOKENS_PER_S: tokens / dt,
                                                    M.TRAIN_STEP_S: dt, "train/elapsed_s": stats.train_s}
             return control

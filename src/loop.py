@@ -157,7 +157,9 @@ def total_steps(tcfg: Any, n_examples: int) -> int:
 
 
 def train(model: Any, examples: list[Example], tcfg: Any, pad_id: int,
-          on_log: Callable[[dict[str, float]], None]) -> TrainStats:
+          on_log: Callable[[dict[str, float]], None], on_step: Callable[[int], bool] | None = None) -> TrainStats:
+    """``on_step(step)``, after each optimizer step (the pruning signal): True stops training there
+    (``stopped_by="pruned"``); its own time is not training time."""
     steps = total_steps(tcfg, len(examples))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
@@ -203,6 +205,13 @@ def train(model: Any, examples: list[Example], tcfg: Any, pad_id: int,
         if tcfg.time_budget_s is not None and stats.train_s >= tcfg.time_budget_s and step < steps:
             stats.stopped_by = "time_budget"
             break
+        if on_step is not None:
+            t_hook = time.perf_counter()
+            stop = on_step(step)
+            start += time.perf_counter() - t_hook  # train_s counts training only
+            if stop:
+                stats.stopped_by = "pruned"
+                break
     bar.close()
     if tcfg.gradient_checkpointing:
         model.activation_checkpointing_disable()

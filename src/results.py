@@ -27,6 +27,8 @@ PREDICTIONS = "predictions.jsonl"    # id, reference, prediction of every eval e
 PER_EXAMPLE = "per_example.jsonl"    # id and each metric's value per eval example: numbers only, no text
 BASELINE_PER_EXAMPLE = "baseline_per_example.jsonl"  # the same for the untuned model
 WORKER_LOG = "worker.log"            # the worker's stdout and stderr
+SIGNAL_FILE = "signal.jsonl"         # when the sweep prunes: the worker's intermediate values, step by step
+PRUNE_FILE = "prune.json"            # written by the parent when the study's pruner stops the trial
 STATUSES = ("completed", "failed", "pruned")
 
 

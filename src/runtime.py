@@ -43,6 +43,11 @@ def worker_env(cfg: Any, base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     for key in _SECRET_ENV:
         env.pop(key, None)
+    # Nor W&B's settings: the worker never logs to W&B (the parent tracks the trial), and wandb sets some
+    # of them in this process once it has run, which would change the environment, and with it the warm
+    # worker a sweep's next trial forks from.
+    for key in [k for k in env if k.startswith("WANDB_")]:
+        del env[key]
     env.update(cpu.env(cfg.cpu, cpu.threads_for(cfg.cpu)))
     env.update({
         "TOKENIZERS_PARALLELISM": "false",  # the tokenizer's own pool would compete for the same cores
@@ -296,7 +301,10 @@ class _WarmServer:
 
 
 class WarmPool:
-    """The warm workers of this process, one per (interpreter, environment, pre-exec settings)."""
+    """The warm workers of this process, one per (interpreter, environment, pre-exec settings), the
+    ``MAX_WARM`` used last: each holds its imported libraries in memory (about 0.5 GB)."""
+
+    MAX_WARM = 4
 
     def __init__(self) -> None:
         self._servers: dict[Hashable, _WarmServer] = {}
@@ -324,7 +332,12 @@ class WarmPool:
                     log.warning("no warm worker (%s); trials with these settings start fresh processes", exc)
                     self._refused.add(key)
                     return None
+                idle = [k for k, v in self._servers.items() if not v.busy]
+                while len(self._servers) >= self.MAX_WARM and idle:
+                    self._servers.pop(idle.pop(0)).close()  # dicts keep order: the least recently used first
                 self._servers[key] = server
+            else:
+                self._servers[key] = self._servers.pop(key)  # now the most recently used
             server.busy = True
         forked = server.fork(trial_dir)
         if isinstance(forked, str):

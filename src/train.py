@@ -7,6 +7,7 @@ Python, importable by tests and by sweepers.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
 import signal
@@ -22,11 +23,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from src import cpu, data, privacy, quant, redact, results, runtime, tracking
+from src import cpu, data, privacy, quant, redact, relay, results, runtime, tracking
 from src import overrides as overrides_
 from src.config import ConfigError, register_configs, to_plain, validate
 from src.paths import PROJECT_ROOT
 from src.results import TrialResult
+from src.sweeper import pruning
 
 log = logging.getLogger("paretune")
 
@@ -80,6 +82,8 @@ def run_trial(cfg: DictConfig, trial_dir: Path, trial: dict[str, Any]) -> TrialR
     inside the worker becomes a failed TrialResult instead: a trial's failure never ends a sweep.
     """
     counts = preflight(cfg)
+    # When the sweep prunes, the worker reports its signal and this process relays it to the study.
+    reporter = pruning.reporter() if trial.get("job_num") is not None else None
     # From here on, parent and worker read the same plain config (enums as their names).
     cfg = OmegaConf.create(to_plain(cfg))
     trial_dir = trial_dir.resolve()
@@ -90,7 +94,8 @@ def run_trial(cfg: DictConfig, trial_dir: Path, trial: dict[str, Any]) -> TrialR
                   extra=() if "://" in str(cfg.paths.study_storage) else (storage,))
     (trial_dir / results.RESULT_FILE).unlink(missing_ok=True)  # never read back a stale record
     trial = {**trial, "dir": str(trial_dir), "records": counts, "environment": git_state(),
-             "started_at": datetime.now(UTC).isoformat(timespec="seconds")}
+             "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+             "reports_signal": reporter is not None}
     plain = {**to_plain(cfg), "trial": trial}
     results.write_config(trial_dir, plain)
 
@@ -101,8 +106,10 @@ def run_trial(cfg: DictConfig, trial_dir: Path, trial: dict[str, Any]) -> TrialR
     warm_key = ((cfg.train.memory_limit_mb, tuple(cpu.parse_cores(cfg.cpu.cores) or ()))
                 if cfg.train.warm_worker and trial.get("job_num") is not None else None)
     try:
-        exit_ = runtime.run_worker(trial_dir, runtime.worker_env(cfg), timeout_s, preexec=preexec,
-                                   python=quant.worker_python(cfg.quant, cfg.paths.ipex_python), warm_key=warm_key)
+        with relay.Relay(reporter, trial_dir) if reporter is not None else contextlib.nullcontext():
+            exit_ = runtime.run_worker(trial_dir, runtime.worker_env(cfg), timeout_s, preexec=preexec,
+                                       python=quant.worker_python(cfg.quant, cfg.paths.ipex_python),
+                                       warm_key=warm_key)
     except KeyboardInterrupt:
         # The worker is already killed (run_worker); the trial still gets its record, as interrupted.
         _record_interrupted(plain, trial, trial_dir)
@@ -143,6 +150,9 @@ def _announce(result: TrialResult, trial_dir: Path) -> None:
     if result.status == "completed":
         shown = ", ".join(f"{k}={v:.4g}" for k, v in result.objectives.items())
         log.info("trial %s completed: %s (%s)", result.trial.get("id"), shown, trial_dir / results.RESULT_FILE)
+    elif result.status == "pruned":
+        log.info("trial %s pruned by the study's pruner at step %s (%s)", result.trial.get("id"),
+                 (result.run.get("pruned") or {}).get("step"), trial_dir / results.RESULT_FILE)
     else:
         log.error("trial %s %s: %s (%s)", result.trial.get("id"), result.status,
                   (result.error or {}).get("message"), trial_dir / results.RESULT_FILE)

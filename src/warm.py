@@ -36,7 +36,6 @@ import time
 import traceback
 from typing import Any
 
-ENV_FLAG = "PARETUNE_WARM_WORKER"   # set in a forked child: the warm worker's pid
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
 _MAX_MESSAGE = 1 << 16
@@ -103,10 +102,10 @@ def _child(sock: socket.socket, out_fd: int, request: dict[str, Any], server_pid
             os.close(fd)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         os.chdir(request["cwd"])  # the parent's, now (a Hydra job may have changed it)
-        os.environ[ENV_FLAG] = str(server_pid)
-        sys.argv = ["src.worker", *request["argv"]]
         from src import worker
 
+        os.environ[worker.WARM_WORKER_ENV] = str(server_pid)
+        sys.argv = ["src.worker", *request["argv"]]
         worker.cli(sys.argv)  # exits the process
     except BaseException:  # noqa: BLE001 - nothing may return into the server's loop
         with contextlib.suppress(Exception):

@@ -30,6 +30,7 @@ from src import redact, results
 from src.results import TrialResult
 
 ADAPTER_DIR = "adapter"
+WARM_WORKER_ENV = "PARETUNE_WARM_WORKER"  # set in a child of a warm worker (src/warm.py): the warm worker's pid
 
 log = logging.getLogger("paretune.worker")
 
@@ -157,9 +158,10 @@ class Inputs:
         return int(self.tok.pad_token_id)
 
 
-def run(t: Trial) -> None:
+def run(t: Trial) -> str:
     """The trial's stages in order; each one outside training and evaluation is timed, and together
-    they are the sweep's overhead."""
+    they are the sweep's overhead. Returns the trial's status: completed, or pruned (by the study's
+    pruner, during training)."""
     t.run["process"] = _process()
     log.info("worker pid %d (%s)", os.getpid(), t.run["process"]["start"]
              + (f" {t.run['process']['warm_worker_pid']}" if t.run["process"]["warm_worker_pid"] else ""))
@@ -176,6 +178,9 @@ def run(t: Trial) -> None:
         net = _trainable(t, net)
     with interference.Sampler() as sampler:  # its first and last snapshots enclose training
         stats = _train(t, net, inputs)
+    if stats.stopped_by == "pruned":  # the study's pruner stopped it: what it cost so far, no evaluation
+        _account(t, stats, {}, 0.0, meter)
+        return "pruned"
     with t.timed("save"):
         net.save_pretrained(t.trial_dir / ADAPTER_DIR)
         t.artifacts["adapter"] = ADAPTER_DIR
@@ -184,13 +189,12 @@ def run(t: Trial) -> None:
     after_eval = interference.snapshot()
     t.cost_info["interference"] = _interference(stats, sampler.samples, before_eval, after_eval)
     _account(t, stats, scores, eval_s, meter)
+    return "completed"
 
 
 def _process() -> dict[str, Any]:
     """How this process started: fresh, or forked from a warm worker (src/warm.py; imports already done)."""
-    from src import warm
-
-    server = os.environ.get(warm.ENV_FLAG)
+    server = os.environ.get(WARM_WORKER_ENV)
     return {"pid": os.getpid(), "start": "forked from warm worker" if server else "fresh",
             "warm_worker_pid": int(server) if server else None}
 
@@ -265,6 +269,7 @@ def _train(t: Trial, net: Any, inputs: Inputs) -> Any:
     from src import loop
 
     cfg = t.cfg
+    on_step = _signal(t, net, inputs)
     fused = _fuse(t, net, inputs)
     with open(t.trial_dir / results.TRAIN_LOG, "w") as train_log:
         def on_log(row: dict[str, float]) -> None:
@@ -277,14 +282,48 @@ def _train(t: Trial, net: Any, inputs: Inputs) -> Any:
                 from src import hf_engine
 
                 stats = hf_engine.train(net, inputs.tok, inputs.train_examples, cfg.train,
-                                        t.trial_dir / ".hf_trainer", on_log)
+                                        t.trial_dir / ".hf_trainer", on_log, on_step)
             else:
-                stats = loop.train(net, inputs.train_examples, cfg.train, inputs.pad_id, on_log)
+                stats = loop.train(net, inputs.train_examples, cfg.train, inputs.pad_id, on_log, on_step)
     t.artifacts["train_log"] = results.TRAIN_LOG
     t.run["stopped_by"] = stats.stopped_by
     if fused is not None:
         fused.remove()  # evaluation runs peft's own layers, as deployed
     return stats
+
+
+def _signal(t: Trial, net: Any, inputs: Inputs) -> Any:
+    """When the sweep prunes (``trial.reports_signal``, set by the parent): every ``eval.signal_every``
+    steps, the eval loss on the first ``eval.signal_examples`` eval examples goes to signal.jsonl, which
+    the parent relays to the study (src/relay.py). Returns True, ending training, once the parent's
+    prune.json says the study's pruner stopped the trial. None when the sweep does not prune."""
+    if not t.cfg.trial.get("reports_signal"):
+        return None
+    from src import evaluate
+
+    cfg = t.cfg
+    every, subset = int(cfg.eval.signal_every), inputs.eval_examples[:int(cfg.eval.signal_examples)]
+    signal_path, prune_path = t.trial_dir / results.SIGNAL_FILE, t.trial_dir / results.PRUNE_FILE
+    t.timings["signal_s"] = 0.0
+    t.artifacts["signal"] = results.SIGNAL_FILE
+
+    def on_step(step: int) -> bool:
+        if prune_path.exists():
+            decided, _ = results.load(prune_path)
+            t.run["pruned"] = {**(decided or {}), "stopped_after_step": step}
+            return True
+        if step % every == 0:
+            t0 = time.perf_counter()
+            net.eval()  # no dropout: the same examples give comparable values across steps and trials
+            losses = evaluate.losses_batched(net, subset, int(cfg.train.batch_size), inputs.pad_id)
+            net.train()
+            value = sum(s for s, _ in losses) / sum(c for _, c in losses)
+            with open(signal_path, "a") as fh:
+                fh.write(json.dumps({"step": step, "value": value}) + "\n")
+            t.timings["signal_s"] += time.perf_counter() - t0
+        return False
+
+    return on_step
 
 
 def _fuse(t: Trial, net: Any, inputs: Inputs) -> Any:
@@ -404,8 +443,7 @@ def main(argv: list[str]) -> int:
                         format="[worker %(asctime)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
     t = Trial(OmegaConf.create(results.read_config(tdir)), tdir)
     try:
-        run(t)
-        result = t.record("completed")
+        result = t.record(run(t))
     except BaseException as exc:  # noqa: BLE001 - every failure must end up in the record
         message = _describe(exc, t.cfg)
         log.error("trial failed: %s: %s", type(exc).__name__, message)

@@ -132,6 +132,8 @@ def test_eval_speed_runs_both_decoders_interleaved_and_writes_the_readme_block(t
     text = readme.read_text()
     assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
     assert "| generation tokens/s |" in text and "3/3 generated summaries identical" in text
+    assert all(0 < r["eval_prompt_s"] < r["eval_gen_s"] for r in report["runs"]["fast"])
+    assert "| of the fast generation: the prompt pass, s |" in text
 
 
 def test_interference_summary_is_the_spread_of_each_time_over_the_runs():

@@ -59,7 +59,7 @@ def test_fast_decoder_gives_the_reference_tokens_and_losses(batch_size):
     assert len({len(t) for t in want}) > 2  # rows do finish at different steps
     got = decode.run(model, examples, 12, batch_size, PAD, eos, with_loss=True, with_generation=True)
     assert got.tokens == want
-    losses = evaluate._losses_batched(model, examples, 4, PAD)
+    losses = evaluate.losses_batched(model, examples, 4, PAD)
     assert got.loss_counts == [c for _, c in losses] == [len(ex.target_ids) for ex in examples]
     assert got.loss_sums == pytest.approx([s for s, _ in losses], rel=1e-4, abs=1e-4)
 
@@ -81,7 +81,7 @@ def test_prompts_longer_than_the_prefill_group_and_one_token_references():
                 for i, n in enumerate([1, 40, 2, 39, 7, 3, 25])]
     got = decode.run(model, examples, 5, 7, PAD, VOCAB + 1, with_loss=True, with_generation=True)
     assert got.tokens == _reference_tokens(model, examples, 5, VOCAB + 1)
-    assert got.loss_sums == pytest.approx([s for s, _ in evaluate._losses_batched(model, examples, 1, PAD)],
+    assert got.loss_sums == pytest.approx([s for s, _ in evaluate.losses_batched(model, examples, 1, PAD)],
                                           rel=1e-4, abs=1e-4)
 
 
@@ -103,7 +103,8 @@ def test_evaluate_gives_the_same_scores_and_rows_with_either_decoder():
     timings: dict[str, float] = {}
     fast, fast_rows = evaluate.evaluate(model, _Tok(), examples, _ecfg("fast"), PAD, eos, 3, timings)
     ref, ref_rows = evaluate.evaluate(model, _Tok(), examples, _ecfg("hf"), PAD, eos, 3)
-    assert set(timings) == {"eval_loss_s", "eval_gen_s", "eval_score_s"}
+    assert set(timings) == {"eval_loss_s", "eval_gen_s", "eval_score_s", "eval_prompt_s"}
+    assert 0 < timings["eval_prompt_s"] < timings["eval_gen_s"]  # the prompt pass is part of generation
     assert fast.pop("eval/gen_tokens_per_s") > 0 and ref.pop("eval/gen_tokens_per_s") > 0
     assert fast == pytest.approx(ref, rel=1e-5)
     assert [r["prediction"] for r in fast_rows] == [r["prediction"] for r in ref_rows]

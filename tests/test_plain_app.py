@@ -235,7 +235,8 @@ def test_the_sweepers_and_their_configs_are_in_the_wheel(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     root = "hydra_plugins/paretune_sweepers/"
     for name in ("__init__.py", "conf/__init__.py", "conf/hydra/sweeper/optuna.yaml", "conf/hydra/sweeper/grid.yaml",
-                 "conf/hydra/sweeper/hooks/none.yaml", "conf/hydra/sweeper/sampler/tpe.yaml"):
+                 "conf/hydra/sweeper/hooks/none.yaml", "conf/hydra/sweeper/sampler/tpe.yaml",
+                 "conf/hydra/sweeper/pruner/median.yaml"):
         assert root + name in names, name
     assert "src/sweeper/base.py" in names
 

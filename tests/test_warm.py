@@ -140,3 +140,31 @@ def test_a_warm_worker_with_a_thread_running_refuses_to_fork(tmp_path, caplog):
         assert pool.start(tmp_path, sys.executable, env, None, "key") is None  # not tried again
     finally:
         pool.close()
+
+
+def test_the_pool_keeps_the_warm_workers_used_last(tmp_path):
+    """With room for one, a second environment's warm worker replaces the first (stopped), and a trial
+    that fails in its forked child (here: a folder with no trial config) only fails that trial."""
+    pool = runtime.WarmPool()
+    pool.MAX_WARM = 1
+    base = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OPENBLAS_NUM_THREADS": "1"}
+    try:
+        first = pool.start(tmp_path, sys.executable, {**base, "OMP_NUM_THREADS": "1"}, None, "a")
+        assert first is not None and first.wait(timeout=120) != 0
+        again = pool.start(tmp_path, sys.executable, {**base, "OMP_NUM_THREADS": "1"}, None, "a")
+        assert again is not None and again.server is first.server  # the same warm worker, reused
+        again.wait(timeout=120)
+        second = pool.start(tmp_path, sys.executable, {**base, "OMP_NUM_THREADS": "2"}, None, "a")
+        assert second is not None and second.server is not first.server
+        second.wait(timeout=120)
+        assert not _alive(first.server.proc.pid) and len(pool._servers) == 1  # noqa: SLF001
+    finally:
+        pool.close()
+
+
+def test_the_worker_environment_has_no_wandb_settings(cfg_factory):
+    """The worker never logs to W&B; and wandb sets WANDB_* in the sweep process once it has run, which
+    must not change the environment, and so the warm worker, of the next trial."""
+    env = runtime.worker_env(cfg_factory("model=tiny"), base={"PATH": "/usr/bin", "WANDB_MODE": "offline",
+                                                              "WANDB_API_KEY": "secret", "WANDB_DIR": "/x"})
+    assert not [k for k in env if k.startswith("WANDB_")] and env["PATH"] == "/usr/bin"

@@ -3,12 +3,16 @@
 The sweepers' classes are what ``hydra/sweeper/{optuna,grid}.yaml`` point at (the code lives in
 ``src.sweeper``); the search-path plugin puts those config files (conf/ beside this file) on every
 Hydra app's search path, so ``hydra/sweeper=optuna`` works in any app once this project is installed.
+``reporter()`` is a job's link to its trial when the sweep prunes (src/sweeper/pruning.py).
 """
 
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
 from src.sweeper import grid, optuna_sweeper
+from src.sweeper.pruning import Reporter, reporter
+
+__all__ = ["GridSweeper", "OptunaSweeper", "Reporter", "SweeperConfigs", "reporter"]
 
 
 class GridSweeper(grid.GridSweeper):

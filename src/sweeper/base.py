@@ -27,12 +27,12 @@ from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from hydra.utils import get_method
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src import overrides
 from src.redact import remember, scrub, scrub_text
-from src.sweeper import jobs, report
+from src.sweeper import jobs, pruning, report
 from src.sweeper import study as S
 from src.sweeper.jobs import JobOutcome
 from src.sweeper.space import SearchSpace, build
@@ -49,7 +49,8 @@ class StudySweeper(Sweeper):
                  n_jobs: int = 1, max_failure_rate: float = 0.0, failure_scope: str = "batch",
                  params: dict[str, Any] | None = None, retry_stale: bool = False, lease_s: float = 120.0,
                  objectives: Any = None, preflight: str | None = None, record: str | None = None,
-                 trial_keys: str | None = None, summary: str | None = None, seed_key: str | None = None) -> None:
+                 trial_keys: str | None = None, summary: str | None = None, seed_key: str | None = None,
+                 pruner: Any = None, prune_on: str | None = None, signal_direction: str | None = None) -> None:
         super().__init__()
         # null: an in-memory study, as in Hydra's Optuna sweeper (gone when the sweep ends)
         self.storage_spec = None if storage is None else str(storage)
@@ -70,6 +71,12 @@ class StudySweeper(Sweeper):
         self.trial_keys = trial_keys
         self.summary = summary
         self.seed_key = seed_key  # the task's seed (hydra/sweeper=optuna: on_repeat=new_seed runs the next one)
+        # Pruning (src/sweeper/pruning.py): the pruner's config, the objective its signal stands for, and
+        # which way the signal improves (null: as that objective).
+        self.pruner_cfg = pruner
+        self.prune_on = prune_on
+        self.signal_direction = signal_direction
+        self.pruning: dict[str, Any] | None = None  # what each job is told, once the study is known
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.launcher: Any = None
@@ -109,6 +116,9 @@ class StudySweeper(Sweeper):
         except KeyError:
             study = optuna.create_study(storage=storage, study_name=name, directions=directions, sampler=sampler,
                                         load_if_exists=True)
+        self.pruning = self.pruning_settings(names, directions)
+        if self.pruning is not None and self.storage_spec is None:
+            pruning.remember_memory(name, storage)
         self.distributions = self.trial_distributions(space, study)
         S.check_resumed(study, names if self.declared else None, directions, self.distributions)
         if self.declared and study.metric_names is None:
@@ -204,12 +214,39 @@ class StudySweeper(Sweeper):
             raise S.StudyError(f"{len(unique)} parameter set(s) of this sweep are invalid; nothing was run:\n  "
                                + "\n  ".join(unique))
 
+    def pruning_settings(self, names: list[str], directions: list[str]) -> dict[str, Any] | None:
+        """What a job needs to report to its trial and ask the pruner (None: this sweep does not prune);
+        a bad pruner, ``prune_on`` or ``signal_direction`` is refused here, before any job runs."""
+        cfg: Any = (OmegaConf.to_container(self.pruner_cfg, resolve=True) if isinstance(self.pruner_cfg, DictConfig)
+                    else self.pruner_cfg)
+        if not cfg or cfg.get("_target_") == "optuna.pruners.NopPruner":
+            return None
+        try:
+            instantiate(cfg)
+        except Exception as exc:  # noqa: BLE001 - Optuna's own message, with the key to fix
+            raise S.StudyError(f"hydra.sweeper.pruner: cannot create {cfg.get('_target_')}: {exc}") from exc
+        on = names[0] if self.prune_on is None else str(self.prune_on)
+        if on not in names:
+            raise S.StudyError(f"hydra.sweeper.prune_on: {on!r} is not an objective of this study {names}; "
+                               "name one of them (null: the first)")
+        if self.signal_direction not in (None, "minimize", "maximize"):
+            raise S.StudyError(f"hydra.sweeper.signal_direction: {self.signal_direction!r}; give minimize, maximize "
+                               "or null (the signal improves as its objective does)")
+        direction = directions[names.index(on)]
+        return {"objective": on, "direction": direction, "sign": pruning.oriented(direction, self.signal_direction)}
+
     def trial_overrides(self, study: optuna.Study, trial: optuna.Trial, keys: list[str]) -> list[str]:
-        """The keys that tell a job which study and trial it is (hook ``trial_keys``: the config node)."""
-        if not self.trial_keys:
-            return []
-        node = self.trial_keys
-        return [f"{node}.name={study.study_name}", f"{node}.trial={trial.number}", f"{node}.params=[{','.join(keys)}]"]
+        """The keys that tell a job which study and trial it is (hook ``trial_keys``: the config node),
+        and, when the sweep prunes, how to report to its trial (an environment variable, pruning.ENV)."""
+        out = []
+        if self.pruning is not None:
+            out.append(pruning.env_override(study.study_name, trial.number, self.pruning["direction"],
+                                            self.pruning["sign"]))
+        if self.trial_keys:
+            node = self.trial_keys
+            out += [f"{node}.name={study.study_name}", f"{node}.trial={trial.number}",
+                    f"{node}.params=[{','.join(keys)}]"]
+        return out
 
     def read(self, out_dir: Path, ret: JobReturn | None) -> JobOutcome:
         """A job's outcome: by the app's reader (hook ``record``), else from the task's return value."""
@@ -253,8 +290,14 @@ class StudySweeper(Sweeper):
         try:
             for key, value in job.attrs.items():
                 trial.set_user_attr(key, value)
-            trial.set_user_attr(S.OVERRIDES, scrub([o for o in overrides if not (node and o.startswith(node))]))
-            if job.values is not None:
+            trial.set_user_attr(S.OVERRIDES, scrub([o for o in overrides if not (node and o.startswith(node))
+                                                    and not o.startswith(pruning.ENV_OVERRIDE)]))
+            if job.pruned:
+                trial.set_user_attr(S.STATUS, "pruned")
+                tell(study, trial, state=optuna.trial.TrialState.PRUNED)
+                outcome.pruned += 1
+                log.info("trial %d pruned: %s", trial.number, job.error)
+            elif job.values is not None:
                 trial.set_user_attr(S.STATUS, "completed")
                 tell(study, trial, job.values)
                 outcome.completed += 1
@@ -312,6 +355,7 @@ class _Outcome:
         self.max_rate, self.scope = max_rate, scope
         self.returns: list[Sequence[JobReturn]] = []
         self.completed = 0
+        self.pruned = 0
         self.failed: list[tuple[int, str]] = []
         self.planned = 0
 

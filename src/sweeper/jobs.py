@@ -1,9 +1,10 @@
 """What a finished Hydra job means to the study: objective values, or the reason it failed.
 
 The generic reading is the official Optuna sweeper's: the task function's return value is the
-objective (a float, or a sequence with one float per direction), and an exception raised by the job
-fails the trial with its message. An app can instead name a reader in ``hydra.sweeper.record``
-(paretune's reads each trial's result.json, see ``src/sweeper/records.py``): it is called with the
+objective (a float, or a sequence with one float per direction), an exception raised by the job
+fails the trial with its message, and ``optuna.TrialPruned`` raised by the job prunes it. An app can
+instead name a reader in ``hydra.sweeper.record`` (paretune's reads each trial's result.json, see
+``src/sweeper/records.py``): it is called with the
 job's output folder, its JobReturn (None when the launcher stopped before returning it) and the
 objective names, and returns a ``JobOutcome``.
 """
@@ -17,15 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
+from optuna import TrialPruned
 
 from src.redact import scrub_text
 
 
 @dataclass
 class JobOutcome:
-    values: list[float] | None                 # None: the trial failed, ``error`` says why
+    values: list[float] | None                 # None: the trial failed (or was pruned), ``error`` says why
     error: str | None = None
     attrs: dict[str, Any] = field(default_factory=dict)  # extra user attrs for the trial (result_path, metrics)
+    pruned: bool = False                       # stopped by the study's pruner (src/sweeper/pruning.py)
 
 
 def job_error(ret: JobReturn | None) -> str | None:
@@ -38,6 +41,8 @@ def job_error(ret: JobReturn | None) -> str | None:
 
 def from_return(out_dir: Path, ret: JobReturn | None, names: Sequence[str]) -> JobOutcome:
     """The task function's return value as the objective values (Hydra's Optuna sweeper's contract)."""
+    if ret is not None and ret.status == JobStatus.FAILED and isinstance(ret._return_value, TrialPruned):  # noqa: SLF001
+        return JobOutcome(None, scrub_text(str(ret._return_value) or "pruned"), pruned=True)  # noqa: SLF001
     error = job_error(ret)
     if error is not None:
         return JobOutcome(None, error)

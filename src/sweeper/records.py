@@ -29,6 +29,10 @@ def read(out_dir: Path, ret: JobReturn | None, names: Sequence[str]) -> JobOutco
     record, why = results.load(path)
     if record is None:
         return JobOutcome(None, f"no readable {path.name} ({why})", attrs)
+    if record.get("status") == "pruned":  # stopped by the study's pruner (src/relay.py); its cost so far is kept
+        attrs[S.METRICS] = dict(record.get("metrics", {}))
+        step = ((record.get("run") or {}).get("pruned") or {}).get("step")
+        return JobOutcome(None, f"pruned by the study's pruner at step {step}", attrs, pruned=True)
     values, reason = record_values(record, names)
     if values is not None:
         # all of them: a few dozen numbers, and analysis then needs nothing but the study

@@ -15,6 +15,7 @@ import optuna
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
+from src.sweeper import pruning
 from src.sweeper.study import METRICS, RESULT_PATH, unique_pareto
 
 log = logging.getLogger("paretune.sweeper")
@@ -32,6 +33,9 @@ def results(study: optuna.Study, names: list[str] | None) -> dict[str, Any]:
                        else directions),
         "trials": {s.name.lower(): states.count(s) for s in TrialState if states.count(s)},
     }
+    pruned = pruning.pruned_steps(study.get_trials(deepcopy=False))
+    if pruned:  # the step each stopped at (its last reported one)
+        out["pruned"] = [{"trial": n, "step": step} for n, step in sorted(pruned.items())]
     if not any(s == TrialState.COMPLETE for s in states):
         out["note"] = "no trial completed: there is no best point yet"
         return out

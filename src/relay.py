@@ -1,0 +1,73 @@
+"""The pruning channel between a trial's worker and its Optuna trial, relayed by the parent process.
+
+The worker holds no study credentials (runtime._SECRET_ENV), so it never talks to the study. Every
+``eval.signal_every`` training steps it appends its signal (the eval loss on a fixed few examples) to
+``signal.jsonl`` in the trial folder and trains on. This relay, a thread of the parent beside
+``runtime.run_worker``, reports each new value to the trial (``src.sweeper.pruning.Reporter``) and,
+when the study's pruner says stop, writes ``prune.json``; the worker stops after its current step and
+records the trial as pruned. Files rather than a pipe: the worker may be a fresh process or a fork of a
+warm worker, and what it reported stays with its trial.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from src import results
+
+log = logging.getLogger("paretune")
+
+
+class Relay:
+    """``with Relay(reporter, trial_dir):`` around the worker's run; ``pruned_at``: the step the pruner
+    stopped the trial at, or None."""
+
+    def __init__(self, reporter: Any, trial_dir: Path, poll_s: float = 0.25) -> None:
+        self.reporter, self.poll_s = reporter, poll_s
+        self.signal, self.prune = trial_dir / results.SIGNAL_FILE, trial_dir / results.PRUNE_FILE
+        self.pruned_at: int | None = None
+        self._offset = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="prune-relay", daemon=True)
+
+    def __enter__(self) -> Relay:
+        self.signal.unlink(missing_ok=True)
+        self.prune.unlink(missing_ok=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.drain()  # what the worker wrote after the last poll
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.drain()
+
+    def drain(self) -> None:
+        """Report every complete line written since the last call (until the trial is pruned)."""
+        try:
+            with open(self.signal, "rb") as fh:
+                fh.seek(self._offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return
+        end = data.rfind(b"\n") + 1  # a line still being written waits for the next call
+        self._offset += end
+        for line in data[:end].splitlines():
+            if self.pruned_at is not None:
+                return
+            try:
+                row = json.loads(line)
+                stop = self.reporter.report(int(row["step"]), float(row["value"]))
+            except Exception as exc:  # noqa: BLE001 - a lost report never fails the trial: it trains on
+                log.warning("could not report the trial's signal to its study (%s); it trains on", exc)
+                continue
+            if stop:
+                self.pruned_at = int(row["step"])
+                results.atomic_write_json(self.prune, {"step": self.pruned_at, "value": float(row["value"])})

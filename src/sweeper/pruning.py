@@ -1,0 +1,180 @@
+"""Pruning trials that run as Hydra jobs, in this process or any other, single- or multi-objective.
+
+Optuna's pruners assume the objective runs inside ``study.optimize`` (``trial.report`` then
+``trial.should_prune``), and ``trial.report`` refuses multi-objective studies. Here a job reports to
+its own trial through the study's storage and asks the study's pruner itself:
+
+    reporter = pruning.reporter()            # None when the sweep does not prune
+    for step in ...:
+        if reporter is not None and reporter.report(step, value):
+            raise optuna.TrialPruned()       # the sweeper tells the study PRUNED
+
+The channel is the job's environment: the sweeper sets ``PARETUNE_PRUNING`` (trial number, the
+signal's direction and orientation, study name) through ``hydra.job.env_set``, which Hydra applies in
+whichever process runs the job (a launcher's worker too) and removes afterwards; the job builds the
+pruner from its own ``hydra.sweeper.pruner`` and opens the storage its ``hydra.sweeper.storage``
+names. An in-memory study is reachable only from the sweeper's own process (Hydra's basic launcher).
+
+The rule, multi-objective studies included: a trial is pruned on one intermediate signal that stands
+for one declared objective (``hydra.sweeper.prune_on``, the first by default), oriented as that
+objective. The pruner sees the study through ``SignalStorage``: one direction (that objective's), and
+each finished trial valued by its last intermediate value. A signal that runs the other way (a loss
+reported for a maximised score) is stored negated, so the samplers, which rank pruned trials by their
+last intermediate value in the study's direction, read it the right way round. The other objectives
+(costs) never prune a trial: a cheap trial of poor quality is pruned even if its cost alone would have
+put it on the Pareto front.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Callable, Container, Sequence
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+ENV = "PARETUNE_PRUNING"
+
+_MEMORY: dict[str, BaseStorage] = {}  # in-memory studies of this process, by study name
+
+
+class SignalStorage(BaseStorage):
+    """A study's storage as its pruner should see it: one direction, and every finished trial valued
+    by its last intermediate value (it has no other single value in a multi-objective study). Writes
+    (intermediate values, a pruner's own attrs) go through unchanged."""
+
+    def __init__(self, inner: BaseStorage, direction: StudyDirection) -> None:
+        self.inner, self.direction = inner, direction
+
+    def get_study_directions(self, study_id: int) -> list[StudyDirection]:
+        return [self.direction]
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        return self._view(self.inner.get_trial(trial_id))
+
+    def get_all_trials(self, study_id: int, deepcopy: bool = True,
+                       states: Container[TrialState] | None = None) -> list[FrozenTrial]:
+        return [self._view(t) for t in self.inner.get_all_trials(study_id, deepcopy=False, states=states)]
+
+    def _view(self, trial: FrozenTrial) -> FrozenTrial:
+        if trial.state != TrialState.COMPLETE:
+            return trial
+        view = copy.copy(trial)
+        last = trial.last_step
+        worst = math.inf if self.direction == StudyDirection.MINIMIZE else -math.inf
+        # a completed trial that reported nothing can never be the best one
+        view.values = [trial.intermediate_values[last] if last is not None else worst]
+        return view
+
+
+def _delegate(name: str) -> Callable[..., Any]:
+    def method(self: SignalStorage, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.inner, name)(*args, **kwargs)
+    method.__name__ = name
+    return method
+
+
+for _name in BaseStorage.__abstractmethods__ - set(vars(SignalStorage)):
+    setattr(SignalStorage, _name, _delegate(_name))
+SignalStorage.__abstractmethods__ = frozenset()
+
+
+class Reporter:
+    """A running trial's link to its study: ``report(step, value)`` stores the value and says whether
+    the study's pruner stops the trial here."""
+
+    def __init__(self, storage: BaseStorage, study_name: str, trial_number: int, pruner: optuna.pruners.BasePruner,
+                 direction: str, sign: float = 1.0) -> None:
+        self.storage, self.sign = storage, sign
+        view = SignalStorage(  # type: ignore[abstract]  # its other methods are delegated, below the class
+            storage, StudyDirection.MINIMIZE if direction == "minimize" else StudyDirection.MAXIMIZE)
+        self.study = optuna.load_study(study_name=study_name, storage=view, pruner=pruner)
+        self.trial_id = storage.get_trial_id_from_study_id_trial_number(self.study._study_id, trial_number)  # noqa: SLF001
+        self.last_step: int | None = None
+
+    def report(self, step: int, value: float) -> bool:
+        """Store the signal at ``step`` (as reported; negated when it runs against the objective) and
+        ask the pruner; True: stop the trial now."""
+        stored = self.sign * float(value)
+        self.storage.set_trial_intermediate_value(self.trial_id, int(step), stored)
+        self.last_step = int(step)
+        trial = self.study._storage.get_trial(self.trial_id)  # noqa: SLF001
+        return bool(self.study.pruner.prune(self.study, trial))
+
+
+ENV_OVERRIDE = f"++hydra.job.env_set.{ENV}="  # ++: added, or replaced if the app sets it
+
+
+def env_override(study_name: str, trial_number: int, direction: str, sign: float) -> str:
+    """The job override that tells the job its trial: ``'<trial> <direction> <sign> <study name>'``, quoted
+    for Hydra's grammar. The job reads the pruner and the storage from its own ``hydra.sweeper``
+    config, so no storage URL (nor its password) travels this way."""
+    study = study_name.replace("\\", "\\\\").replace("'", "\\'")
+    return f"{ENV_OVERRIDE}'{int(trial_number)} {direction} {sign:+g} {study}'"
+
+
+def _decode(raw: str) -> dict[str, Any]:
+    trial, direction, sign, study = raw.split(" ", 3)
+    return {"trial": int(trial), "direction": direction, "sign": float(sign), "study": study}
+
+
+def remember_memory(study_name: str, storage: BaseStorage) -> None:
+    """An in-memory study's storage, for jobs run in this process."""
+    _MEMORY[study_name] = storage
+
+
+_FROM_JOB = object()
+
+
+def reporter(storage: Any = _FROM_JOB, pruner: Any = _FROM_JOB, environ: dict[str, str] | None = None,
+             ) -> Reporter | None:
+    """The current job's reporter; None when the sweep does not prune (or did not start this job).
+    ``storage`` (a journal path or URL; None: in memory) and ``pruner`` (its config, with ``_target_``)
+    default to the job's own ``hydra.sweeper.storage`` and ``hydra.sweeper.pruner``."""
+    raw = (os.environ if environ is None else environ).get(ENV)
+    if not raw:
+        return None
+    from hydra.utils import instantiate
+
+    from src.sweeper import study as S
+
+    given = _decode(raw)
+    if storage is _FROM_JOB or pruner is _FROM_JOB:
+        from hydra.core.hydra_config import HydraConfig
+
+        sweeper = HydraConfig.get().sweeper
+        storage = sweeper.get("storage") if storage is _FROM_JOB else storage
+        pruner = sweeper.get("pruner") if pruner is _FROM_JOB else pruner
+    if storage is None:
+        opened = _MEMORY.get(given["study"])
+        if opened is None:
+            raise RuntimeError(f"study '{given['study']}' is in memory in the sweeper's process; a job in another "
+                               "process cannot report to it. Give hydra.sweeper.storage (a journal file or a URL)")
+    else:
+        opened = _opened(str(storage), S.open_storage)
+    return Reporter(opened, given["study"], given["trial"], instantiate(pruner), given["direction"], given["sign"])
+
+
+_OPENED: dict[str, BaseStorage] = {}
+
+
+def _opened(spec: str, open_storage: Callable[[str], BaseStorage]) -> BaseStorage:
+    """One storage per spec and process: a PostgreSQL pool is not rebuilt for every job."""
+    if spec not in _OPENED:
+        _OPENED[spec] = open_storage(spec)
+    return _OPENED[spec]
+
+
+def oriented(direction: str, signal_direction: str | None) -> float:
+    """+1 when the signal improves the way its objective does, -1 when it runs the other way."""
+    return 1.0 if signal_direction in (None, direction) else -1.0
+
+
+def pruned_steps(trials: Sequence[FrozenTrial]) -> dict[int, int | None]:
+    """Trial number -> the step it was pruned at (its last reported step), for the pruned trials."""
+    return {t.number: t.last_step for t in trials if t.state == TrialState.PRUNED}

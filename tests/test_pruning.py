@@ -1,0 +1,215 @@
+"""Pruning across processes (src/sweeper/pruning.py), in the plain Hydra app (tests/plain_app, task
+``curve``): each job reports its loss curve to its own trial through the study's storage and asks the
+pruner. Grids and searches, one and two objectives, in-memory, journal and PostgreSQL storage, and
+two workers sharing one study."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.study import StudyDirection
+from optuna.trial import TrialState
+
+from src.sweeper import pruning
+from src.sweeper import study as S
+from tests.test_plain_app import TASK, results, run, storage_args
+
+STEPS = 6
+# the median pruner (the curve app's): 2 trials run to the end first, none is pruned before step 1
+MEDIAN = ["hydra.sweeper.pruner.n_startup_trials=2", "hydra.sweeper.pruner.n_warmup_steps=1"]
+PRUNERS = ["none", "median", "percentile", "successive_halving", "hyperband", "wilcoxon", "threshold", "patient"]
+
+
+def loss(x: float, step: int) -> float:
+    """What the curve task reports at ``step`` (tests/plain_app/task.py)."""
+    return (x * x + 1) * (1 + 1 / (step + 1))
+
+
+def _study(tmp_path: Path, url: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=S.open_storage(url))
+
+
+@pytest.mark.parametrize("storage", ["memory", "journal", "postgresql"])
+def test_a_grid_prunes_the_trials_whose_curve_is_worse_than_the_median(tmp_path, storage, request):
+    args = storage_args(storage, tmp_path, request, "curve")
+    run(tmp_path, "curve", "-m", "x=0,1,4,0.5,3,5", *MEDIAN, *args)
+    out = results(tmp_path)
+    # median pruner, 2 startup trials, 1 warm-up step: x=4, 3 and 5 are worse than the median at step 1
+    assert out["trials"] == {"complete": 3, "pruned": 3}
+    assert out["pruned"] == [{"trial": 2, "step": 1}, {"trial": 4, "step": 1}, {"trial": 5, "step": 1}]
+    assert out["best_params"] == {"x": 0} and out["best_value"] == pytest.approx(loss(0, STEPS - 1))
+    if storage == "memory":
+        return
+    url, name = args[0].split("=", 1)[1], args[1].split("=", 1)[1]
+    trials = sorted(_study(tmp_path, url, name).trials, key=lambda t: t.number)
+    for t in trials:
+        x = t.params["x"]
+        steps = range(STEPS) if t.state == TrialState.COMPLETE else range(2)
+        assert t.intermediate_values == pytest.approx({s: loss(x, s) for s in steps})
+        assert t.user_attrs[S.STATUS] == ("completed" if t.state == TrialState.COMPLETE else "pruned")
+        assert not any(o.startswith(pruning.ENV_OVERRIDE) for o in t.user_attrs[S.OVERRIDES])
+
+
+def test_without_a_pruner_every_trial_runs_to_its_end_and_reports_nothing(tmp_path):
+    journal = tmp_path / "s.journal"
+    run(tmp_path, "curve", "-m", "x=0,1,4,5", "hydra/sweeper/pruner=none", f"hydra.sweeper.storage={journal}",
+        "hydra.sweeper.study_name=nopruner")
+    study = _study(tmp_path, str(journal), "nopruner")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    assert all(t.intermediate_values == {} for t in study.trials)
+
+
+@pytest.mark.parametrize("storage", ["memory", "journal"])
+def test_a_multi_objective_search_prunes_on_the_first_objective_only(tmp_path, storage, request):
+    """Two objectives (loss, and |x| as a cost): a trial is pruned for its loss curve, never for its
+    cost; pruned trials have no values, and the front holds completed trials only."""
+    args = storage_args(storage, tmp_path, request, "curve2")
+    run(tmp_path, "curve", "-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=random",
+        "hydra.sweeper.sampler.seed=3", "hydra.sweeper.n_trials=12", "hydra.sweeper.direction=[minimize,minimize]",
+        "x=interval(-5,5)", "objectives=2", *MEDIAN, *args)
+    out = results(tmp_path)
+    assert out["trials"]["pruned"] >= 3 and out["trials"]["complete"] + out["trials"]["pruned"] == 12
+    assert all(p["step"] == 1 for p in out["pruned"])
+    front = {s["trial"] for s in out["solutions"]}
+    assert not front & {p["trial"] for p in out["pruned"]}
+    if storage == "journal":
+        url, name = args[0].split("=", 1)[1], args[1].split("=", 1)[1]
+        for t in _study(tmp_path, url, name).trials:
+            if t.state == TrialState.PRUNED:
+                assert t.values is None and t.last_step == 1
+
+
+def test_a_signal_that_runs_against_its_objective_is_stored_negated(tmp_path):
+    """The curve's loss reported for an objective declared as maximised (signal_direction=minimize):
+    stored as -loss, so the pruner and the samplers read it the objective's way."""
+    journal = tmp_path / "s.journal"
+    run(tmp_path, "curve", "-m", "x=0,1,4", *MEDIAN, "hydra.sweeper.direction=maximize",
+        "hydra.sweeper.signal_direction=minimize", f"hydra.sweeper.storage={journal}",
+        "hydra.sweeper.study_name=negated")
+    trials = sorted(_study(tmp_path, str(journal), "negated").trials, key=lambda t: t.number)
+    assert trials[0].intermediate_values[0] == pytest.approx(-loss(0, 0))
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
+
+
+@pytest.mark.parametrize("name", PRUNERS)
+def test_every_pruner_config_builds_its_optuna_pruner_and_runs_a_grid(tmp_path, name):
+    """Each hydra/sweeper/pruner/*.yaml, as shipped; threshold needs a bound, and says so."""
+    extra = ["hydra.sweeper.pruner.upper=20"] if name == "threshold" else []
+    run(tmp_path, "curve", "-m", "x=0,1,4,0.5", f"hydra/sweeper/pruner={name}", *extra)
+    out = results(tmp_path)
+    assert sum(out["trials"].values()) == 4 and out["best_params"] == {"x": 0}
+    if name == "threshold":  # x=4: 17 * 2 = 34 at step 0 is above 20
+        assert out["pruned"] == [{"trial": 2, "step": 0}]
+    if name == "none":
+        assert "pruned" not in out
+
+
+def test_bad_pruning_settings_are_refused_before_any_job(tmp_path):
+    for args, message in [
+        (["hydra/sweeper/pruner=threshold"], "hydra.sweeper.pruner: cannot create optuna.pruners.ThresholdPruner"),
+        (["hydra.sweeper.prune_on=cost"], "hydra.sweeper.prune_on: 'cost' is not an objective"),
+        (["hydra.sweeper.signal_direction=down"], "hydra.sweeper.signal_direction: 'down'"),
+    ]:
+        proc = run(tmp_path, "curve", "-m", "x=0,1", *args, ok=False)
+        assert proc.returncode == 1 and message in proc.stdout, proc.stdout[-2000:]
+        assert "Launching" not in proc.stdout
+
+
+@pytest.mark.parametrize("storage", ["journal", "postgresql"])
+def test_two_workers_prune_in_one_study(tmp_path, storage, request):
+    """Two processes share one study and its pruner: n_trials in total, each trial told once, and the
+    trials each pruned had at least the startup trials' curves to compare with."""
+    url = str(tmp_path / "s.journal") if storage == "journal" else request.getfixturevalue("pg").url
+    name = f"two-{storage}-{os.getpid()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARETUNE_")}
+    cmd = [sys.executable, str(TASK), "curve", "-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=random",
+           "hydra.sweeper.n_trials=16", "x=interval(-5,5)", *MEDIAN, f"hydra.sweeper.storage={url}",
+           f"hydra.sweeper.study_name={name}"]
+    procs = [subprocess.Popen([*cmd, f"hydra.sweeper.sampler.seed={i}", f"hydra.sweep.dir={tmp_path / f'w{i}'}"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    trials = _study(tmp_path, url, name).trials
+    states = [t.state for t in trials]
+    assert len(trials) == 16 and TrialState.RUNNING not in states and TrialState.FAIL not in states
+    assert states.count(TrialState.PRUNED) >= 3
+    first_complete = min(t.number for t in trials if t.state == TrialState.COMPLETE)
+    for t in trials:
+        if t.state == TrialState.PRUNED:
+            assert t.number > first_complete and t.last_step == 1
+    for i in range(2):
+        done = yaml.safe_load(next((tmp_path / f"w{i}").glob("optimization_results.yaml")).read_text())
+        assert sum(done["trials"].values()) == 16
+
+
+def test_the_pruners_view_has_one_direction_and_values_trials_by_their_last_signal():
+    """SignalStorage on a two-objective study: the pruner sees one direction, a completed trial's
+    value is its last intermediate value, and MedianPruner prunes a curve above the median."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for x in (0.0, 1.0, 2.0):
+        trial = study.ask()
+        for step in range(3):
+            study._storage.set_trial_intermediate_value(trial._trial_id, step, loss(x, step))  # noqa: SLF001
+        study.tell(trial, [1.0 / (1 + x), x])
+    pruning.remember_memory(study.study_name, study._storage)  # noqa: SLF001
+
+    def reporter_of(trial: optuna.Trial) -> pruning.Reporter:
+        override = pruning.env_override(study.study_name, trial.number, "minimize", 1.0)
+        report = pruning.reporter(storage=None, pruner={"_target_": "optuna.pruners.MedianPruner",
+                                                        "n_startup_trials": 2},
+                                  environ={pruning.ENV: override.split("=", 1)[1].strip("'")})
+        assert report is not None
+        return report
+
+    good, worse = study.ask(), study.ask()
+    report = reporter_of(good)
+    assert report.study.directions == [StudyDirection.MINIMIZE]
+    assert [t.values for t in report.study.get_trials(states=(TrialState.COMPLETE,))] == \
+        [[pytest.approx(loss(x, 2))] for x in (0.0, 1.0, 2.0)]
+    assert report.report(0, loss(0.5, 0)) is False  # below the median of the curves at step 0 (x=1's)
+    assert reporter_of(worse).report(0, loss(3.0, 0)) is True  # above it
+    assert worse.number not in pruning.pruned_steps(study.trials)  # reporting does not end the trial
+
+
+@pytest.mark.slow
+def test_a_trial_of_the_real_cli_is_pruned_after_its_first_report(tmp_path, data_root, cache_dir):
+    """paretune's own sweep on the tiny model with a threshold pruner that stops every trial at its first
+    report: the worker reports its eval loss on a few examples, the parent relays it to the study (stored
+    negated: eval/rougeL, the first objective, is maximised), and the trial stops, recorded as pruned,
+    without evaluation."""
+    from tests.conftest import TINY
+
+    sweep, journal = tmp_path / "sweep", tmp_path / "s.journal"
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.train", "-m", *TINY, f"data.root={data_root}", f"paths.cache_dir={cache_dir}",
+         "logger=none", f"hydra.sweep.dir={sweep}", f"hydra.sweeper.storage={journal}",
+         "hydra.sweeper.study_name=pruned-cli", "hydra/sweeper/pruner=threshold", "hydra.sweeper.pruner.lower=0",
+         "train.max_steps=40", "eval.signal_every=2", "eval.signal_examples=2", "lora.r=2,4"],
+        cwd=tmp_path, env={**os.environ, "PARETUNE_STUDY_STORAGE": str(journal)}, capture_output=True, text=True,
+        timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = _study(tmp_path, str(journal), "pruned-cli")
+    assert [t.state for t in study.trials] == [TrialState.PRUNED] * 2
+    for t in study.trials:
+        record = json.loads((sweep / str(t.number) / "result.json").read_text())
+        assert record["status"] == "pruned" and record["objectives"] == {}
+        assert record["run"]["pruned"]["step"] == 2 and record["run"]["stopped_by"] == "pruned"
+        assert 2 <= record["run"]["pruned"]["stopped_after_step"] < 40
+        assert "eval/rougeL" not in record["metrics"] and record["metrics"]["cost/train_s"] > 0
+        assert record["timings"]["signal_s"] > 0
+        signal = [json.loads(x) for x in (sweep / str(t.number) / "signal.jsonl").read_text().splitlines()]
+        assert signal[0]["step"] == 2 and t.intermediate_values[2] == pytest.approx(-signal[0]["value"])
+        assert t.user_attrs[S.STATUS] == "pruned"
+    # the analysis lists them with the step they stopped at, from the study and from the records alike
+    from analysis import trials as A
+
+    for data in (A.from_storage("pruned-cli", str(journal)), A.from_records(sorted(sweep.glob("*/result.json")))):
+        assert [(r.status, r.error) for r in data.rows] == [("pruned", "pruned by the study's pruner at step 2")] * 2
