@@ -162,6 +162,7 @@ def from_storage(study_name: str, storage: str) -> StudyData:
     import optuna
     from optuna.trial import TrialState
 
+    from src.sweeper import pruning
     from src.sweeper import study as S
 
     store = S.open_storage(storage)
@@ -196,8 +197,8 @@ def from_storage(study_name: str, storage: str) -> StudyData:
         overrides = list(attrs.get(S.OVERRIDES) or (record or {}).get("trial", {}).get("overrides", []))
         status = states[t.state]
         error = attrs.get(S.ERROR) or ((record or {}).get("error") or {}).get("message")
-        if t.state == TrialState.PRUNED:
-            error = f"pruned by the study's pruner at step {t.last_step}"
+        if t.state == TrialState.PRUNED and not error:
+            error = f"pruned by the study's pruner at step {max(pruning.signal_values(t), default=None)}"
         rows.append(TrialRow(
             number=t.number, status=status, params=safe(dict(t.params)), overrides=safe(overrides),
             metrics=metrics, baseline=baseline,
@@ -294,6 +295,7 @@ def per_example(row: TrialRow) -> list[dict[str, Any]]:
 
 def _reason(record: dict[str, Any]) -> str | None:
     """Why a trial did not complete: its error, or the step the study's pruner stopped it at."""
-    if record.get("status") == "pruned":
+    message = (record.get("error") or {}).get("message")
+    if record.get("status") == "pruned" and not message:
         return f"pruned by the study's pruner at step {((record.get('run') or {}).get('pruned') or {}).get('step')}"
-    return (record.get("error") or {}).get("message")
+    return message

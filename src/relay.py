@@ -40,10 +40,12 @@ class Relay:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
-        self.drain()  # what the worker wrote after the last poll
+        # bounded: a report stuck on an unreachable database must not hold up Ctrl-C or the next trial
+        self._thread.join(timeout=30)
+        if exc_type is None and not self._thread.is_alive():
+            self.drain()  # what the worker wrote after the last poll
 
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_s):

@@ -48,6 +48,9 @@ def worker_env(cfg: Any, base: dict[str, str] | None = None) -> dict[str, str]:
     # worker a sweep's next trial forks from.
     for key in [k for k in env if k.startswith("WANDB_")]:
         del env[key]
+    # Nor the job's own trial number for pruning (src/sweeper/pruning.ENV, set by Hydra for this job only):
+    # the parent relays the worker's signal, and a per-trial value would give every trial its own warm worker.
+    env.pop("PARETUNE_PRUNING", None)
     env.update(cpu.env(cfg.cpu, cpu.threads_for(cfg.cpu)))
     env.update({
         "TOKENIZERS_PARALLELISM": "false",  # the tokenizer's own pool would compete for the same cores
@@ -202,9 +205,9 @@ def _kill_group(proc: Any) -> None:
 class _Forked:
     """A trial's process forked by a warm worker, with the part of Popen's interface run_worker uses.
 
-    Its exit status comes from the warm worker, which reaps it. Killing it by process group is safe
-    from pid reuse as long as its exit has not been read: the warm worker reaps it only just before
-    it says so."""
+    Its exit status comes from the warm worker, which reaps it only once this side has acknowledged
+    the exit: until then the pid stays taken (a zombie), so killing its process group can never reach
+    a process that reused the pid."""
 
     def __init__(self, server: _WarmServer, pid: int, stdout: io.BufferedReader) -> None:
         self.server, self.pid, self.stdout = server, pid, stdout
@@ -223,6 +226,7 @@ class _Forked:
             self.returncode = -signal.SIGKILL
         else:
             self.returncode = int(message["returncode"])
+            self.server.acknowledge(self.pid)
         self.server.busy = False
         return self.returncode
 
@@ -233,7 +237,7 @@ class _WarmServer:
     def __init__(self, python: str, env: dict[str, str], preexec: Callable[[], None] | None,
                  ready_timeout_s: float) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.sock, self.busy, self.closed = ours, False, False
+        self.sock, self.busy, self.closed, self.refused = ours, False, False, False
         self.output = tempfile.TemporaryFile()  # noqa: SIM115 - its import warnings; read when it fails
         try:
             self.proc = subprocess.Popen([python, "-m", "src.warm", str(theirs.fileno())], env=env,
@@ -262,21 +266,40 @@ class _WarmServer:
             return None
 
     def fork(self, trial_dir: Path) -> _Forked | str:
-        """The trial's process, or why the warm worker refused to fork."""
+        """The trial's process, or why there is none (``refused`` tells a refusal from a broken worker)."""
         from src import warm
 
+        self.refused = False
         read_end, write_end = os.pipe()
         try:
-            self.busy = True
-            warm.send(self.sock, {"argv": [str(trial_dir)], "cwd": os.getcwd()}, [write_end])
-        finally:
-            os.close(write_end)  # the child holds its own copy; EOF comes when the child exits
-        reply = self.receive(30.0)
+            try:
+                self.busy = True
+                warm.send(self.sock, {"argv": [str(trial_dir)], "cwd": os.getcwd()}, [write_end])
+            finally:
+                os.close(write_end)  # the child holds its own copy; EOF comes when the child exits
+            reply = self.receive(30.0)
+        except (OSError, TimeoutError) as exc:  # it died while idle, or hangs: the trial starts fresh
+            os.close(read_end)
+            return f"the warm worker does not answer ({exc or type(exc).__name__})"
+        except BaseException:  # Ctrl-C: a child may be forked already; it dies with its warm worker
+            os.close(read_end)
+            self.close()
+            raise
         if reply is None or "pid" not in reply:
             os.close(read_end)
             self.busy = False
+            self.refused = bool(reply and "refused" in reply)
             return str((reply or {}).get("refused") or f"no answer from the warm worker: {self.output_tail()}")
         return _Forked(self, int(reply["pid"]), os.fdopen(read_end, "rb"))
+
+    def acknowledge(self, pid: int) -> None:
+        """Tell the warm worker the child's exit was read: it may reap it now."""
+        from src import warm
+
+        try:
+            warm.send(self.sock, {"reap": pid})
+        except OSError:
+            self.close()
 
     def output_tail(self) -> str:
         with contextlib.suppress(OSError, ValueError):
@@ -292,7 +315,7 @@ class _WarmServer:
         with contextlib.suppress(OSError):
             self.sock.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=5)
+            self.proc.wait(timeout=0 if self.busy else 5)  # an idle one ends on EOF; a busy one is killed now
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -320,10 +343,10 @@ class WarmPool:
             if key in self._refused:
                 return None
             server = self._servers.get(key)
-            if server is not None and (server.busy or server.closed):
-                if server.busy:
-                    return None
-                del self._servers[key]
+            if server is not None and server.busy:
+                return None  # another thread's trial: this one runs in a fresh process
+            if server is not None and (server.closed or server.proc.poll() is not None):
+                self._servers.pop(key).close()  # it died while idle (the OOM killer, a kill): start another
                 server = None
             if server is None:
                 try:
@@ -341,11 +364,13 @@ class WarmPool:
             server.busy = True
         forked = server.fork(trial_dir)
         if isinstance(forked, str):
-            log.warning("the warm worker refused a trial (%s); trials with these settings start fresh "
-                        "processes", forked)
             with self._lock:
-                self._refused.add(key)
-                self._servers.pop(key, None)
+                if server.refused:  # it would refuse again: these settings get fresh processes from now on
+                    self._refused.add(key)
+                if self._servers.get(key) is server:
+                    del self._servers[key]
+            log.warning("no trial forked (%s); this one starts a fresh process%s", forked,
+                        ", as will the next with these settings" if server.refused else "")
             server.close()
             return None
         return forked

@@ -20,7 +20,8 @@ Protocol, one JSON message per SOCK_SEQPACKET packet:
     server -> parent  {"ready": pid, "import_s": s}          once, after the imports
     parent -> server  {"argv": [trial_dir], "cwd": dir} + the write end of the trial's output pipe (SCM_RIGHTS)
     server -> parent  {"pid": child} | {"refused": reason}
-    server -> parent  {"pid": child, "returncode": code}     when the child has exited (reaped here)
+    server -> parent  {"pid": child, "returncode": code}     when the child has exited
+    parent -> server  {"reap": child}                        the exit was read: the child is reaped now
 """
 
 from __future__ import annotations
@@ -140,8 +141,16 @@ def serve(sock: socket.socket) -> None:
         with contextlib.suppress(OSError):  # also here: the parent may killpg before the child's own call
             os.setpgid(pid, pid)
         send(sock, {"pid": pid})
-        _, status = os.waitpid(pid, 0)
-        send(sock, {"pid": pid, "returncode": os.waitstatus_to_exitcode(status)})
+        # Exited, not yet reaped: its pid stays taken until the parent has read the exit, so a kill of
+        # its process group from the parent can never reach a process that reused the pid.
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        assert info is not None  # None only with WNOHANG
+        code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+        try:
+            send(sock, {"pid": pid, "returncode": code})
+            receive(sock)  # {"reap": pid}, or EOF when the parent is gone
+        finally:
+            os.waitpid(pid, 0)
 
 
 def main(argv: list[str]) -> int:

@@ -55,6 +55,10 @@ def test_a_grid_prunes_the_trials_whose_curve_is_worse_than_the_median(tmp_path,
         assert t.intermediate_values == pytest.approx({s: loss(x, s) for s in steps})
         assert t.user_attrs[S.STATUS] == ("completed" if t.state == TrialState.COMPLETE else "pruned")
         assert not any(o.startswith(pruning.ENV_OVERRIDE) for o in t.user_attrs[S.OVERRIDES])
+    # the same command resumes: completed and pruned cells alike are not run again
+    again = run(tmp_path, "curve", "-m", "x=0,1,4,0.5,3,5", *MEDIAN, *args)
+    assert "6 of 6 grid cells are already completed (or pruned)" in again.stdout
+    assert len(_study(tmp_path, url, name).trials) == 6
 
 
 def test_without_a_pruner_every_trial_runs_to_its_end_and_reports_nothing(tmp_path):
@@ -82,8 +86,19 @@ def test_a_multi_objective_search_prunes_on_the_first_objective_only(tmp_path, s
     if storage == "journal":
         url, name = args[0].split("=", 1)[1], args[1].split("=", 1)[1]
         for t in _study(tmp_path, url, name).trials:
-            if t.state == TrialState.PRUNED:
-                assert t.values is None and t.last_step == 1
+            if t.state == TrialState.PRUNED:  # the signal is kept aside: samplers expect no intermediate values
+                assert t.values is None and t.intermediate_values == {} and max(pruning.signal_values(t)) == 1
+
+
+def test_a_multi_objective_tpe_search_goes_on_after_pruned_trials(tmp_path):
+    """TPE (the default sampler) ranks pruned trials by their intermediate values with study.direction,
+    which a multi-objective study refuses: the signal kept aside lets it sample on past its startup."""
+    journal = tmp_path / "s.journal"
+    run(tmp_path, "curve", "-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler.seed=5", "hydra.sweeper.n_trials=12",
+        "hydra.sweeper.direction=[minimize,minimize]", "x=interval(-5,5)", "objectives=2", *MEDIAN,
+        f"hydra.sweeper.storage={journal}", "hydra.sweeper.study_name=tpe2")
+    states = [t.state for t in _study(tmp_path, str(journal), "tpe2").trials]
+    assert len(states) == 12 and TrialState.PRUNED in states and TrialState.FAIL not in states
 
 
 def test_a_signal_that_runs_against_its_objective_is_stored_negated(tmp_path):
@@ -98,17 +113,34 @@ def test_a_signal_that_runs_against_its_objective_is_stored_negated(tmp_path):
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
 
 
+# Each pruner's settings for a 4-trial grid (x=0, 1, 4, 0.5), and the trials it must prune: x=4's curve
+# is the worst at every step. patient: the curves never stop improving, so its patience never runs out.
+# wilcoxon compares each trial with the best one, step by step: a signed-rank test needs 4 steps here.
+PRUNER_CASES = {
+    "none": ([], []),
+    "median": (["hydra.sweeper.pruner.n_startup_trials=2"], [2]),
+    "percentile": (["hydra.sweeper.pruner.percentile=50", "hydra.sweeper.pruner.n_startup_trials=2"], [2]),
+    "successive_halving": (["hydra.sweeper.pruner.min_resource=1", "hydra.sweeper.pruner.reduction_factor=2"],
+                           None),
+    "hyperband": (["hydra.sweeper.pruner.max_resource=6", "hydra.sweeper.pruner.reduction_factor=2"], None),
+    "wilcoxon": ([], [1, 2, 3]),  # every curve is above the best one (x=0) at each step: all go, at step 3
+    "threshold": (["hydra.sweeper.pruner.upper=20"], [2]),
+    "patient": (["hydra.sweeper.pruner.patience=0", "hydra.sweeper.pruner.wrapped_pruner.n_startup_trials=2"], []),
+}
+
+
 @pytest.mark.parametrize("name", PRUNERS)
 def test_every_pruner_config_builds_its_optuna_pruner_and_runs_a_grid(tmp_path, name):
-    """Each hydra/sweeper/pruner/*.yaml, as shipped; threshold needs a bound, and says so."""
-    extra = ["hydra.sweeper.pruner.upper=20"] if name == "threshold" else []
+    """Each hydra/sweeper/pruner/*.yaml, as shipped, with the settings of PRUNER_CASES."""
+    extra, expected = PRUNER_CASES[name]
     run(tmp_path, "curve", "-m", "x=0,1,4,0.5", f"hydra/sweeper/pruner={name}", *extra)
     out = results(tmp_path)
     assert sum(out["trials"].values()) == 4 and out["best_params"] == {"x": 0}
-    if name == "threshold":  # x=4: 17 * 2 = 34 at step 0 is above 20
-        assert out["pruned"] == [{"trial": 2, "step": 0}]
-    if name == "none":
-        assert "pruned" not in out
+    pruned = [p["trial"] for p in out.get("pruned", [])]
+    if expected is None:  # halving keeps the best share at each rung: x=4 never goes on
+        assert 2 in pruned and 0 not in pruned
+    else:
+        assert pruned == expected
 
 
 def test_bad_pruning_settings_are_refused_before_any_job(tmp_path):
@@ -192,21 +224,24 @@ def test_a_trial_of_the_real_cli_is_pruned_after_its_first_report(tmp_path, data
         [sys.executable, "-m", "src.train", "-m", *TINY, f"data.root={data_root}", f"paths.cache_dir={cache_dir}",
          "logger=none", f"hydra.sweep.dir={sweep}", f"hydra.sweeper.storage={journal}",
          "hydra.sweeper.study_name=pruned-cli", "hydra/sweeper/pruner=threshold", "hydra.sweeper.pruner.lower=0",
-         "train.max_steps=40", "eval.signal_every=2", "eval.signal_examples=2", "lora.r=2,4"],
+         "train.max_steps=400", "eval.signal_every=2", "eval.signal_examples=2", "lora.r=2,4"],
         cwd=tmp_path, env={**os.environ, "PARETUNE_STUDY_STORAGE": str(journal)}, capture_output=True, text=True,
         timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = _study(tmp_path, str(journal), "pruned-cli")
     assert [t.state for t in study.trials] == [TrialState.PRUNED] * 2
+    warm = {json.loads((sweep / str(t.number) / "result.json").read_text())["run"]["process"]["warm_worker_pid"]
+            for t in study.trials}
+    assert len(warm) == 1 and None not in warm  # pruning leaves the trials' environment, so their warm worker, alone
     for t in study.trials:
         record = json.loads((sweep / str(t.number) / "result.json").read_text())
         assert record["status"] == "pruned" and record["objectives"] == {}
         assert record["run"]["pruned"]["step"] == 2 and record["run"]["stopped_by"] == "pruned"
-        assert 2 <= record["run"]["pruned"]["stopped_after_step"] < 40
+        assert 2 <= record["run"]["pruned"]["stopped_after_step"] < 400  # long before its end
         assert "eval/rougeL" not in record["metrics"] and record["metrics"]["cost/train_s"] > 0
         assert record["timings"]["signal_s"] > 0
         signal = [json.loads(x) for x in (sweep / str(t.number) / "signal.jsonl").read_text().splitlines()]
-        assert signal[0]["step"] == 2 and t.intermediate_values[2] == pytest.approx(-signal[0]["value"])
+        assert signal[0]["step"] == 2 and pruning.signal_values(t)[2] == pytest.approx(-signal[0]["value"])
         assert t.user_attrs[S.STATUS] == "pruned"
     # the analysis lists them with the step they stopped at, from the study and from the records alike
     from analysis import trials as A

@@ -42,6 +42,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _training(trial_dir: Path, timeout_s: float = 120) -> None:
+    """Wait until the trial has logged a training step (its worker is mid-trial, not starting)."""
+    deadline = time.monotonic() + timeout_s
+    log = trial_dir / "train_log.jsonl"
+    while time.monotonic() < deadline and not (log.exists() and log.stat().st_size > 0):
+        time.sleep(0.1)
+    assert log.exists(), f"{trial_dir}: no training step logged"
+
+
 def _pids(trial_dir: Path, timeout_s: float = 120) -> tuple[int, int | None]:
     """The trial's worker pid and its warm worker's (None: a fresh process), from the worker's first line."""
     deadline = time.monotonic() + timeout_s
@@ -88,13 +97,13 @@ def test_warm_worker_false_starts_a_fresh_process(tmp_path, data_root, cache_dir
 def test_a_warm_worker_killed_mid_trial_fails_that_trial_and_the_next_gets_a_new_one(tmp_path, data_root,
                                                                                      cache_dir):
     proc = subprocess.Popen(_sweep(tmp_path, data_root, cache_dir, "hydra.sweeper.max_failure_rate=0.9",
-                                   "lora.r=2,4", "train.max_steps=40"),
+                                   "lora.r=2,4", "train.max_steps=400"),
                             cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
         worker, warm = _pids(tmp_path / "sweep" / "0")
         assert warm is not None
-        time.sleep(2)
+        _training(tmp_path / "sweep" / "0")
         os.kill(warm, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while _alive(worker) and time.monotonic() < deadline:
@@ -112,11 +121,11 @@ def test_a_warm_worker_killed_mid_trial_fails_that_trial_and_the_next_gets_a_new
 
 
 def test_a_sweep_killed_by_sigkill_leaves_neither_warm_worker_nor_trial_running(tmp_path, data_root, cache_dir):
-    proc = subprocess.Popen(_sweep(tmp_path, data_root, cache_dir, "lora.r=2,4", "train.max_steps=60"),
+    proc = subprocess.Popen(_sweep(tmp_path, data_root, cache_dir, "lora.r=2,4", "train.max_steps=400"),
                             cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         worker, warm = _pids(tmp_path / "sweep" / "0")
-        time.sleep(2)
+        _training(tmp_path / "sweep" / "0")
         proc.kill()
         proc.wait(timeout=30)
     finally:
@@ -162,9 +171,14 @@ def test_the_pool_keeps_the_warm_workers_used_last(tmp_path):
         pool.close()
 
 
-def test_the_worker_environment_has_no_wandb_settings(cfg_factory):
-    """The worker never logs to W&B; and wandb sets WANDB_* in the sweep process once it has run, which
-    must not change the environment, and so the warm worker, of the next trial."""
+def test_the_worker_environment_has_no_wandb_settings_nor_the_jobs_trial(cfg_factory):
+    """The worker never logs to W&B, nor reports to the study itself; and wandb sets WANDB_* in the sweep
+    process once it has run, which must not change the environment, and so the warm worker, of the
+    next trial."""
+    from src.sweeper import pruning
+
     env = runtime.worker_env(cfg_factory("model=tiny"), base={"PATH": "/usr/bin", "WANDB_MODE": "offline",
-                                                              "WANDB_API_KEY": "secret", "WANDB_DIR": "/x"})
+                                                              "WANDB_API_KEY": "secret", "WANDB_DIR": "/x",
+                                                              pruning.ENV: "3 minimize -1 study"})
     assert not [k for k in env if k.startswith("WANDB_")] and env["PATH"] == "/usr/bin"
+    assert pruning.ENV not in env  # one trial's number: every trial would get its own warm worker

@@ -108,6 +108,7 @@ class StudySweeper(Sweeper):
         space = build(parsed)
         name = self.study_name or S.default_study_name(self.kind, sorted(overrides_in), names, directions)
         self.check_jobs(self.jobs_to_check(space), space)
+        self.pruning = self.pruning_settings(names, directions)  # refused here, before a study is created
 
         self.storage = storage = S.open_storage(self.storage_spec)
         sampler = self.make_sampler(space, len(directions))
@@ -116,7 +117,6 @@ class StudySweeper(Sweeper):
         except KeyError:
             study = optuna.create_study(storage=storage, study_name=name, directions=directions, sampler=sampler,
                                         load_if_exists=True)
-        self.pruning = self.pruning_settings(names, directions)
         if self.pruning is not None and self.storage_spec is None:
             pruning.remember_memory(name, storage)
         self.distributions = self.trial_distributions(space, study)
@@ -268,7 +268,7 @@ class StudySweeper(Sweeper):
             why = "interrupted (SIGINT)" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
             for t, ovr in batch:
                 job = self.read(sweep_dir / str(t.number), None) if self.record else None
-                if job is not None and job.values is not None:
+                if job is not None and (job.values is not None or job.pruned):
                     self._tell(study, t, job, ovr, outcome)
                 else:
                     S.fail_trial(study, t._trial_id, f"the sweep stopped: {why}", stale=True)  # noqa: SLF001

@@ -75,7 +75,9 @@ class GridSweeper(StudySweeper):
         with self.lock(study):
             S.fail_stale(study)
         if not self.rerun_completed:
-            done = Counter(_key(t.params) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            # a pruned cell was decided by the study's pruner: resuming does not run it again either
+            done = Counter(_key(t.params) for t in study.get_trials(deepcopy=False,
+                                                                    states=(TrialState.COMPLETE, TrialState.PRUNED)))
             kept = []
             for params in todo:
                 if done[_key(params)] > 0:
@@ -83,7 +85,7 @@ class GridSweeper(StudySweeper):
                 else:
                     kept.append(params)
             if len(kept) < len(todo):
-                log.info("%d of %d grid cells are already completed in study '%s' and are skipped",
+                log.info("%d of %d grid cells are already completed (or pruned) in study '%s' and are skipped",
                          len(todo) - len(kept), len(todo), study.study_name)
             todo = kept
         outcome.planned = len(todo)

@@ -19,8 +19,10 @@ The rule, multi-objective studies included: a trial is pruned on one intermediat
 for one declared objective (``hydra.sweeper.prune_on``, the first by default), oriented as that
 objective. The pruner sees the study through ``SignalStorage``: one direction (that objective's), and
 each finished trial valued by its last intermediate value. A signal that runs the other way (a loss
-reported for a maximised score) is stored negated, so the samplers, which rank pruned trials by their
-last intermediate value in the study's direction, read it the right way round. The other objectives
+reported for a maximised score) is stored negated, so that with one objective the samplers, which rank
+pruned trials by their last intermediate value in the study's direction, read it the right way round;
+with several, the signal is kept as trial system attrs instead (Optuna's samplers expect no
+intermediate values in such a study: TPE would fail on them). The other objectives
 (costs) never prune a trial: a cheap trial of poor quality is pruned even if its cost alone would have
 put it on the Pareto front.
 """
@@ -32,6 +34,7 @@ import math
 import os
 from collections.abc import Callable, Container, Sequence
 from typing import Any
+from urllib.parse import quote, unquote
 
 import optuna
 from optuna.storages import BaseStorage
@@ -43,13 +46,20 @@ ENV = "PARETUNE_PRUNING"
 _MEMORY: dict[str, BaseStorage] = {}  # in-memory studies of this process, by study name
 
 
+SIGNAL_ATTR = "signal:"  # + step: a multi-objective study's intermediate values, as trial system attrs
+
+
 class SignalStorage(BaseStorage):
     """A study's storage as its pruner should see it: one direction, and every finished trial valued
     by its last intermediate value (it has no other single value in a multi-objective study). Writes
-    (intermediate values, a pruner's own attrs) go through unchanged."""
+    of a pruner's own attrs go through unchanged.
 
-    def __init__(self, inner: BaseStorage, direction: StudyDirection) -> None:
-        self.inner, self.direction = inner, direction
+    In a multi-objective study (``aside=True``) the signal is kept as system attrs (``SIGNAL_ATTR``),
+    and shown to the pruner as intermediate values: Optuna's samplers never expect intermediate values
+    there (TPE ranks pruned trials by them with ``study.direction``, which such a study refuses)."""
+
+    def __init__(self, inner: BaseStorage, direction: StudyDirection, aside: bool = False) -> None:
+        self.inner, self.direction, self.aside = inner, direction, aside
 
     def get_study_directions(self, study_id: int) -> list[StudyDirection]:
         return [self.direction]
@@ -61,15 +71,30 @@ class SignalStorage(BaseStorage):
                        states: Container[TrialState] | None = None) -> list[FrozenTrial]:
         return [self._view(t) for t in self.inner.get_all_trials(study_id, deepcopy=False, states=states)]
 
+    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
+        if self.aside:
+            self.inner.set_trial_system_attr(trial_id, f"{SIGNAL_ATTR}{int(step)}", float(intermediate_value))
+        else:
+            self.inner.set_trial_intermediate_value(trial_id, step, intermediate_value)
+
     def _view(self, trial: FrozenTrial) -> FrozenTrial:
-        if trial.state != TrialState.COMPLETE:
+        signal = signal_values(trial)
+        if trial.state != TrialState.COMPLETE and not self.aside:
             return trial
         view = copy.copy(trial)
-        last = trial.last_step
-        worst = math.inf if self.direction == StudyDirection.MINIMIZE else -math.inf
-        # a completed trial that reported nothing can never be the best one
-        view.values = [trial.intermediate_values[last] if last is not None else worst]
+        if self.aside:
+            view.intermediate_values = signal
+        if trial.state == TrialState.COMPLETE:
+            worst = math.inf if self.direction == StudyDirection.MINIMIZE else -math.inf
+            # a completed trial that reported nothing can never be the best one
+            view.values = [signal[max(signal)] if signal else worst]
         return view
+
+
+def signal_values(trial: FrozenTrial) -> dict[int, float]:
+    """A trial's reported signal by step: its intermediate values, or (multi-objective) the system attrs."""
+    aside = {int(k[len(SIGNAL_ATTR):]): float(v) for k, v in trial.system_attrs.items() if k.startswith(SIGNAL_ATTR)}
+    return aside or dict(trial.intermediate_values)
 
 
 def _delegate(name: str) -> Callable[..., Any]:
@@ -91,8 +116,10 @@ class Reporter:
     def __init__(self, storage: BaseStorage, study_name: str, trial_number: int, pruner: optuna.pruners.BasePruner,
                  direction: str, sign: float = 1.0) -> None:
         self.storage, self.sign = storage, sign
+        study_id = storage.get_study_id_from_name(study_name)
         view = SignalStorage(  # type: ignore[abstract]  # its other methods are delegated, below the class
-            storage, StudyDirection.MINIMIZE if direction == "minimize" else StudyDirection.MAXIMIZE)
+            storage, StudyDirection.MINIMIZE if direction == "minimize" else StudyDirection.MAXIMIZE,
+            aside=len(storage.get_study_directions(study_id)) > 1)
         self.study = optuna.load_study(study_name=study_name, storage=view, pruner=pruner)
         self.trial_id = storage.get_trial_id_from_study_id_trial_number(self.study._study_id, trial_number)  # noqa: SLF001
         self.last_step: int | None = None
@@ -101,7 +128,7 @@ class Reporter:
         """Store the signal at ``step`` (as reported; negated when it runs against the objective) and
         ask the pruner; True: stop the trial now."""
         stored = self.sign * float(value)
-        self.storage.set_trial_intermediate_value(self.trial_id, int(step), stored)
+        self.study._storage.set_trial_intermediate_value(self.trial_id, int(step), stored)  # noqa: SLF001
         self.last_step = int(step)
         trial = self.study._storage.get_trial(self.trial_id)  # noqa: SLF001
         return bool(self.study.pruner.prune(self.study, trial))
@@ -114,13 +141,13 @@ def env_override(study_name: str, trial_number: int, direction: str, sign: float
     """The job override that tells the job its trial: ``'<trial> <direction> <sign> <study name>'``, quoted
     for Hydra's grammar. The job reads the pruner and the storage from its own ``hydra.sweeper``
     config, so no storage URL (nor its password) travels this way."""
-    study = study_name.replace("\\", "\\\\").replace("'", "\\'")
-    return f"{ENV_OVERRIDE}'{int(trial_number)} {direction} {sign:+g} {study}'"
+    # Percent-encoded: Hydra unescapes only a backslash before a quote, and resolves ${...} in quoted values.
+    return f"{ENV_OVERRIDE}'{int(trial_number)} {direction} {sign:+g} {quote(study_name, safe='')}'"
 
 
 def _decode(raw: str) -> dict[str, Any]:
     trial, direction, sign, study = raw.split(" ", 3)
-    return {"trial": int(trial), "direction": direction, "sign": float(sign), "study": study}
+    return {"trial": int(trial), "direction": direction, "sign": float(sign), "study": unquote(study)}
 
 
 def remember_memory(study_name: str, storage: BaseStorage) -> None:
@@ -177,4 +204,4 @@ def oriented(direction: str, signal_direction: str | None) -> float:
 
 def pruned_steps(trials: Sequence[FrozenTrial]) -> dict[int, int | None]:
     """Trial number -> the step it was pruned at (its last reported step), for the pruned trials."""
-    return {t.number: t.last_step for t in trials if t.state == TrialState.PRUNED}
+    return {t.number: max(signal_values(t), default=None) for t in trials if t.state == TrialState.PRUNED}
