@@ -176,7 +176,8 @@ def test_two_workers_prune_in_one_study(tmp_path, storage, request):
     first_complete = min(t.number for t in trials if t.state == TrialState.COMPLETE)
     for t in trials:
         if t.state == TrialState.PRUNED:
-            assert t.number > first_complete and t.last_step == 1
+            # never before step 1 (n_warmup_steps); later when the other worker's curves changed the median
+            assert t.number > first_complete and t.last_step >= 1
     for i in range(2):
         done = yaml.safe_load(next((tmp_path / f"w{i}").glob("optimization_results.yaml")).read_text())
         assert sum(done["trials"].values()) == 16
