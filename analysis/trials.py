@@ -198,7 +198,7 @@ def from_storage(study_name: str, storage: str) -> StudyData:
         status = states[t.state]
         error = attrs.get(S.ERROR) or ((record or {}).get("error") or {}).get("message")
         if t.state == TrialState.PRUNED and not error:
-            error = f"pruned by the study's pruner at step {max(pruning.signal_values(t), default=None)}"
+            error = pruning.reason(max(pruning.signal_values(t), default=None))
         rows.append(TrialRow(
             number=t.number, status=status, params=safe(dict(t.params)), overrides=safe(overrides),
             metrics=metrics, baseline=baseline,
@@ -295,7 +295,9 @@ def per_example(row: TrialRow) -> list[dict[str, Any]]:
 
 def _reason(record: dict[str, Any]) -> str | None:
     """Why a trial did not complete: its error, or the step the study's pruner stopped it at."""
+    from src.sweeper import pruning
+
     message = (record.get("error") or {}).get("message")
     if record.get("status") == "pruned" and not message:
-        return f"pruned by the study's pruner at step {((record.get('run') or {}).get('pruned') or {}).get('step')}"
+        return pruning.reason(pruning.record_step(record))
     return message

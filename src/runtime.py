@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import io
 import logging
 import os
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from src import cpu, results
+from src import cpu, results, warm
 from src.paths import PROJECT_ROOT
 
 log = logging.getLogger("paretune")
@@ -179,17 +178,11 @@ def _die_with_parent(parent: int, then: Callable[[], None] | None) -> Callable[[
     """Pre-exec: the worker gets SIGKILL when the sweep process dies, even by SIGKILL (Linux's
     PR_SET_PDEATHSIG), so no orphan keeps training, writing and taking the cores of the next sweep."""
     def apply() -> None:
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the parent died before the line above took effect
-            os._exit(1)
+        warm.die_with(parent)
         if then is not None:
             then()
 
     return apply
-
-
-_PR_SET_PDEATHSIG = 1
 
 
 def _kill_group(proc: Any) -> None:
@@ -257,8 +250,6 @@ class _WarmServer:
         self.pid, self.import_s = int(ready["ready"]), float(ready["import_s"])
 
     def receive(self, timeout: float | None) -> dict[str, Any] | None:
-        from src import warm
-
         self.sock.settimeout(timeout)
         try:
             return warm.receive(self.sock)[0]
@@ -267,8 +258,6 @@ class _WarmServer:
 
     def fork(self, trial_dir: Path) -> _Forked | str:
         """The trial's process, or why there is none (``refused`` tells a refusal from a broken worker)."""
-        from src import warm
-
         self.refused = False
         read_end, write_end = os.pipe()
         try:
@@ -294,8 +283,6 @@ class _WarmServer:
 
     def acknowledge(self, pid: int) -> None:
         """Tell the warm worker the child's exit was read: it may reap it now."""
-        from src import warm
-
         try:
             warm.send(self.sock, {"reap": pid})
         except OSError:

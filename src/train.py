@@ -151,8 +151,8 @@ def _announce(result: TrialResult, trial_dir: Path) -> None:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in result.objectives.items())
         log.info("trial %s completed: %s (%s)", result.trial.get("id"), shown, trial_dir / results.RESULT_FILE)
     elif result.status == "pruned":
-        log.info("trial %s pruned by the study's pruner at step %s (%s)", result.trial.get("id"),
-                 (result.run.get("pruned") or {}).get("step"), trial_dir / results.RESULT_FILE)
+        log.info("trial %s %s (%s)", result.trial.get("id"), pruning.reason(pruning.record_step({"run": result.run})),
+                 trial_dir / results.RESULT_FILE)
     else:
         log.error("trial %s %s: %s (%s)", result.trial.get("id"), result.status,
                   (result.error or {}).get("message"), trial_dir / results.RESULT_FILE)

@@ -79,8 +79,9 @@ def _name(comm: str) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, comm.encode()[:15], 0, 0, 0)
 
 
-def _die_with(parent: int) -> None:
-    """SIGKILL when ``parent`` dies, as for a fresh worker (runtime._die_with_parent)."""
+def die_with(parent: int) -> None:
+    """SIGKILL this process when ``parent`` dies, even by SIGKILL (Linux's PR_SET_PDEATHSIG); exit at
+    once if it already has. Used by every trial process: a fresh worker, a warm worker, its children."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
@@ -94,7 +95,7 @@ def _child(sock: socket.socket, out_fd: int, request: dict[str, Any], server_pid
         sock.close()
         os.setpgid(0, 0)  # its own group: the parent stops the trial with killpg, as a fresh worker
         _name("paretune-trial")
-        _die_with(server_pid)
+        die_with(server_pid)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(out_fd, 1)

@@ -315,9 +315,8 @@ def _signal(t: Trial, net: Any, inputs: Inputs) -> Any:
         if step % every == 0:
             t0 = time.perf_counter()
             net.eval()  # no dropout: the same examples give comparable values across steps and trials
-            losses = evaluate.losses_batched(net, subset, int(cfg.train.batch_size), inputs.pad_id)
+            value = evaluate.eval_loss(net, subset, int(cfg.train.batch_size), inputs.pad_id)
             net.train()
-            value = sum(s for s, _ in losses) / sum(c for _, c in losses)
             with open(signal_path, "a") as fh:
                 fh.write(json.dumps({"step": step, "value": value}) + "\n")
             t.timings["signal_s"] += time.perf_counter() - t0

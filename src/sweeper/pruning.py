@@ -202,6 +202,16 @@ def oriented(direction: str, signal_direction: str | None) -> float:
     return 1.0 if signal_direction in (None, direction) else -1.0
 
 
+def reason(step: int | None) -> str:
+    """How a pruned trial is described wherever it is listed (the study, the records, the report)."""
+    return f"pruned by the study's pruner at step {step}"
+
+
+def record_step(record: dict[str, Any]) -> int | None:
+    """The step a pruned trial's record says the pruner stopped it at (``run.pruned.step``)."""
+    return ((record.get("run") or {}).get("pruned") or {}).get("step")
+
+
 def pruned_steps(trials: Sequence[FrozenTrial]) -> dict[int, int | None]:
     """Trial number -> the step it was pruned at (its last reported step), for the pruned trials."""
     return {t.number: max(signal_values(t), default=None) for t in trials if t.state == TrialState.PRUNED}

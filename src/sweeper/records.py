@@ -16,6 +16,7 @@ from typing import Any
 from hydra.core.utils import JobReturn
 
 from src import results
+from src.sweeper import pruning
 from src.sweeper import study as S
 from src.sweeper.jobs import JobOutcome, job_error
 
@@ -31,8 +32,7 @@ def read(out_dir: Path, ret: JobReturn | None, names: Sequence[str]) -> JobOutco
         return JobOutcome(None, f"no readable {path.name} ({why})", attrs)
     if record.get("status") == "pruned":  # stopped by the study's pruner (src/relay.py); its cost so far is kept
         attrs[S.METRICS] = dict(record.get("metrics", {}))
-        step = ((record.get("run") or {}).get("pruned") or {}).get("step")
-        return JobOutcome(None, f"pruned by the study's pruner at step {step}", attrs, pruned=True)
+        return JobOutcome(None, pruning.reason(pruning.record_step(record)), attrs, pruned=True)
     values, reason = record_values(record, names)
     if values is not None:
         # all of them: a few dozen numbers, and analysis then needs nothing but the study
