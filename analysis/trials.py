@@ -37,6 +37,9 @@ class TrialRow:
     error: str | None = None
     result_path: str | None = None
     record: dict[str, Any] | None = None
+    # What the trial took: from the study, its start to its end on the sweeper's clock (process start
+    # and the wait for the result included); from a record, the worker's own wall time.
+    seconds: float | None = None
 
     def config_key(self) -> str:
         """Identical configurations share this key (repeats of one setting, with any seed, are merged by it)."""
@@ -204,7 +207,8 @@ def from_storage(study_name: str, storage: str) -> StudyData:
             metrics=metrics, baseline=baseline,
             values=list(t.values) if t.state == TrialState.COMPLETE and t.values else None,
             error=safe(error) if status != "completed" else None, result_path=attrs.get(S.RESULT_PATH),
-            record=record))
+            record=record, seconds=(t.datetime_complete - t.datetime_start).total_seconds()
+            if t.datetime_complete and t.datetime_start else None))
     return StudyData(study_name, list(zip(names, directions, strict=True)), rows,
                      f"study '{study_name}' in {safe(storage)}", study, unreadable)
 
@@ -266,7 +270,8 @@ def from_records(paths: Iterable[Path], study_name: str | None = None) -> StudyD
         rows.append(TrialRow(
             number=int(number), status=str(r.get("status")), params=safe(params), overrides=safe(overrides),
             metrics=dict(r.get("metrics") or {}), baseline=dict(r.get("baseline") or {}),
-            values=_objective_values(r, names), error=safe(_reason(r)), result_path=str(path.resolve()), record=r))
+            values=_objective_values(r, names), error=safe(_reason(r)), result_path=str(path.resolve()), record=r,
+            seconds=_number((r.get("timings") or {}).get("worker_wall_s"))))
     rows.sort(key=lambda row: row.number)
     names_seen = {_study(r).get("name") for _, r in records}
     name = study_name or (next(iter(names_seen)) if len(names_seen) == 1 and None not in names_seen else None)
@@ -291,6 +296,10 @@ def per_example(row: TrialRow) -> list[dict[str, Any]]:
         return results.read_jsonl(Path(row.result_path).parent / name)
     except (OSError, ValueError):
         return []
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
 def _reason(record: dict[str, Any]) -> str | None:

@@ -64,6 +64,8 @@ def record(number: int, status: str, params: tuple[int, float, str], rouge: floa
         "objectives": {"eval/rougeL": rouge, "cost/train_s": train_s} if status == "completed" else {},
         "error": {"type": "WorkerDied", "message": error} if error else None,
         "cpu": CPU, "environment": {"packages": PACKAGES},
+        # what the worker took: train and eval (40 s) and 12 s around them; less for those that stopped
+        "timings": {"worker_wall_s": train_s + 52.0 if train_s is not None else {"pruned": 30.0}.get(status, 20.0)},
     }
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -181,6 +182,57 @@ def test_two_workers_prune_in_one_study(tmp_path, storage, request):
     for i in range(2):
         done = yaml.safe_load(next((tmp_path / f"w{i}").glob("optimization_results.yaml")).read_text())
         assert sum(done["trials"].values()) == 16
+
+
+def _search(tmp_path: Path, name: str, seed: int, n_trials: int, folder: str, *extra: str) -> dict:
+    """A random search of the curve app in a journal study; its optimization_results.yaml."""
+    run(tmp_path, "curve", "-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=random", "x=interval(-5,5)",
+        *MEDIAN, f"hydra.sweeper.storage={tmp_path / 's.journal'}", f"hydra.sweeper.study_name={name}",
+        f"hydra.sweeper.sampler.seed={seed}", f"hydra.sweeper.n_trials={n_trials}",
+        f"hydra.sweep.dir={tmp_path / folder}", *extra)
+    return yaml.safe_load((tmp_path / folder / "optimization_results.yaml").read_text())
+
+
+def test_a_resumed_search_prunes_against_the_curves_of_the_earlier_run(tmp_path):
+    """Started again with more trials, the study keeps its pruned trials (they count, and are not run
+    again), and the new run's very first trial is judged against the earlier run's curves."""
+    _search(tmp_path, "resumed", 1, 6, "first")
+    study = _study(tmp_path, str(tmp_path / "s.journal"), "resumed")
+    before = {t.number: (t.state, t.params) for t in study.trials}
+    assert len(before) == 6 and TrialState.RUNNING not in {s for s, _ in before.values()}
+    study.enqueue_trial({"x": 4.5})  # the next run's first trial: worse than any curve at |x| < 4.5
+    out = _search(tmp_path, "resumed", 2, 9, "second")
+    trials = sorted(_study(tmp_path, str(tmp_path / "s.journal"), "resumed").trials, key=lambda t: t.number)
+    assert len(trials) == 9 and {t.number: (t.state, t.params) for t in trials[:6]} == before
+    assert trials[6].params == {"x": 4.5} and trials[6].state == TrialState.PRUNED
+    assert trials[6].intermediate_values == pytest.approx({0: loss(4.5, 0), 1: loss(4.5, 1)})
+    assert sum(out["trials"].values()) == 9 and {"trial": 6, "step": 1} in out["pruned"]
+
+
+def test_a_stale_trial_that_had_reported_is_retried_and_judged_on_its_own_reports(tmp_path):
+    """A trial lost mid-run (its sweep process gone) after reporting three steps: retry_stale fails it
+    and runs its parameters again as a new trial, which reports from step 0 and is pruned on its own
+    curve; the lost trial keeps what it reported, and is replaced in the count of n_trials."""
+    _search(tmp_path, "stale", 1, 4, "first")
+    study = _study(tmp_path, str(tmp_path / "s.journal"), "stale")
+    study.enqueue_trial({"x": 4.5})
+    lost = study.ask({"x": optuna.distributions.FloatDistribution(-5, 5)})
+    for step in range(3):
+        study._storage.set_trial_intermediate_value(lost._trial_id, step, loss(4.5, step))  # noqa: SLF001
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = S.owner_id().rpartition(":")[0]
+    study._storage.set_trial_user_attr(lost._trial_id, S.OWNER, f"{host}:{gone.stdout.strip()}")  # noqa: SLF001
+    study._storage.set_trial_user_attr(lost._trial_id, S.LEASE_UNTIL, time.time() + 3600)  # noqa: SLF001
+
+    out = _search(tmp_path, "stale", 2, 6, "second", "hydra.sweeper.retry_stale=true")
+    trials = sorted(_study(tmp_path, str(tmp_path / "s.journal"), "stale").trials, key=lambda t: t.number)
+    was = trials[lost.number]
+    assert was.state == TrialState.FAIL and was.user_attrs[S.STALE] and len(was.intermediate_values) == 3
+    [retry] = [t for t in trials if t.user_attrs.get(S.RETRY_OF) == lost.number]
+    assert retry.params == {"x": 4.5} and retry.state == TrialState.PRUNED
+    assert retry.intermediate_values == pytest.approx({0: loss(4.5, 0), 1: loss(4.5, 1)})
+    assert len(trials) == 7 and S.counted(trials) == 6  # 4 + the retry + one more; the lost one is replaced
+    assert {"trial": retry.number, "step": 1} in out["pruned"]
 
 
 def test_the_pruners_view_has_one_direction_and_values_trials_by_their_last_signal():

@@ -206,6 +206,28 @@ def test_compare_puts_both_fronts_on_one_plot(tmp_path, capsys):
     assert md.count("| #1,5 | 0.24 | 155 |") == 2  # the same trials on both sides: the same front
 
 
+def test_compare_sets_two_searches_side_by_side(tmp_path):
+    """Trial counts, total trial time, best quality and both hypervolumes on one reference point: B is
+    the hand-made study without its best trial (#2), its failure and its pruned trial."""
+    a, b = write_records(tmp_path / "a"), write_records(tmp_path / "b")
+    for n in (2, 4, 7):
+        shutil.rmtree(b / str(n))
+    out = tmp_path / "cmp"
+    assert main(["compare", str(a), str(b), "--out", str(out), "--no-png"]) == 0
+    md = (out / "compare.md").read_text()
+    assert "| trials | 9 (7 completed, 1 failed, 1 pruned) | 6 (6 completed) |" in md
+    # A: the completed trials' train_s (970 s) and 52 s each, the pruned one's 30 s and the failed one's 20 s
+    assert "| total trial time | 1384 s | 982 s (0.71x A) |" in md
+    assert "| best eval/rougeL (95% interval) | 0.26 (trial #2) | 0.24 (trial #1,5) |" in md
+    [line] = [x for x in md.splitlines() if x.startswith("| hypervolume, shared reference |")]
+    hv_a, hv_b = (float(x) for x in line.strip("|").split("|")[1:])
+    assert hv_a > hv_b > 0  # the same points, less #2 (on A's front)
+    same = tmp_path / "same"
+    assert main(["compare", str(a), str(a), "--out", str(same), "--no-png"]) == 0
+    [line] = [x for x in (same / "compare.md").read_text().splitlines() if x.startswith("| hypervolume")]
+    assert len(set(line.strip("|").split("|")[1:])) == 1
+
+
 def test_records_of_other_studies_are_left_out(tmp_path):
     write_records(tmp_path / "sweep")
     data = trials.from_records([tmp_path / "sweep"], STUDY)

@@ -148,6 +148,25 @@ def test_stale_trials_are_failed_and_retried_once(tmp_path):
     leases.stop()
 
 
+def test_a_trial_without_a_lease_yet_is_stale_only_after_the_grace(tmp_path):
+    """A trial asked by another worker whose first lease write is held up (a PostgreSQL restart drops
+    the session-bound study lock meanwhile) is not failed under it; one that never took a lease in
+    lease_s (its worker died while asking) is."""
+    study, _ = _journal_study(tmp_path)
+    asked = study.ask(DIST)
+    assert S.fail_stale(study, grace_s=60) == []
+    assert study.trials[asked.number].state == TrialState.RUNNING
+    failed = S.fail_stale(study, now=time.time() + 61, grace_s=60)
+    assert [t.number for t in failed] == [asked.number]
+    assert "never took a lease" in study.trials[asked.number].user_attrs[S.ERROR]
+    # the worker whose lease write comes after that is told so, and holds nothing
+    leases = S.Leases(study._storage, lease_s=60)
+    assert leases.take(asked._trial_id) is False and leases.held() == []
+    fresh = study.ask(DIST)
+    assert leases.take(fresh._trial_id) is True and leases.held() == [fresh._trial_id]
+    leases.stop()
+
+
 def test_counted_replaces_a_retried_failure_by_its_retry(tmp_path):
     study, _ = _journal_study(tmp_path)
     a = study.ask(DIST)

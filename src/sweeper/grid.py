@@ -73,7 +73,7 @@ class GridSweeper(StudySweeper):
     def run(self, study: optuna.Study, space: SearchSpace, leases: S.Leases, outcome: _Outcome) -> None:
         todo = self.jobs(space)
         with self.lock(study):
-            S.fail_stale(study)
+            S.fail_stale(study, grace_s=self.lease_s)
         if not self.rerun_completed:
             # a pruned cell was decided by the study's pruner: resuming does not run it again either
             done = Counter(_key(t.params) for t in study.get_trials(deepcopy=False,
@@ -101,6 +101,9 @@ class GridSweeper(StudySweeper):
                     # An enqueued trial is popped by the next ask: this pins the trial's parameters.
                     study.enqueue_trial(params, skip_if_exists=False)
                     trial = study.ask(self.distributions)
-                    leases.take(trial._trial_id)  # noqa: SLF001
+                    if not leases.take(trial._trial_id):  # noqa: SLF001
+                        log.warning("trial %d (%s) was failed by another worker before it started; "
+                                    "it is not run in this sweep", trial.number, space.overrides(params))
+                        continue
                     batch.append((trial, space.overrides(params) + self.trial_overrides(study, trial, keys)))
             self.launch(study, batch, leases, outcome)

@@ -92,7 +92,7 @@ class OptunaSweeper(StudySweeper):
         while True:
             batch: list[tuple[optuna.Trial, list[str]]] = []
             with self.lock(study):
-                S.fail_stale(study)
+                S.fail_stale(study, grace_s=self.lease_s)
                 if self.retry_stale:
                     S.retry_stale(study)
                 room = limit - S.counted(study.get_trials(deepcopy=False))
@@ -108,7 +108,11 @@ class OptunaSweeper(StudySweeper):
                         ovr = space.overrides(params)
                         if self._repeat(study, trial, params, ovr, outcome):
                             continue
-                        leases.take(trial._trial_id)  # noqa: SLF001
+                        if not leases.take(trial._trial_id):  # noqa: SLF001
+                            # it counts as a lost trial, as any stale one (retry_stale runs it again)
+                            log.warning("trial %d was failed by another worker before it started",
+                                        trial.number)
+                            continue
                         batch.append((trial, ovr + self.trial_overrides(study, trial, keys)))
                 except BaseException as exc:
                     # nothing asked here may stay RUNNING (it would later count as a lost worker's);

@@ -274,13 +274,19 @@ class Leases:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def take(self, trial_id: int) -> None:
-        self._renew(trial_id)
+    def take(self, trial_id: int) -> bool:
+        """Hold the trial's lease from now on; False (nothing held) when another worker has already
+        finished it, i.e. found it stale while this worker's first lease write was held up."""
+        try:
+            self._renew(trial_id)
+        except UpdateFinishedTrialError:
+            return False
         with self._lock:
             self._ids.add(trial_id)
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="paretune-lease", daemon=True)
             self._thread.start()
+        return True
 
     def release(self, trial_id: int) -> None:
         with self._lock:
@@ -324,8 +330,13 @@ def fail_trial(study: optuna.Study, trial_id: int, reason: str, stale: bool = Fa
         return False
 
 
-def fail_stale(study: optuna.Study, now: float | None = None) -> list[FrozenTrial]:
-    """Fail every RUNNING trial whose lease expired or whose owner process is gone."""
+def fail_stale(study: optuna.Study, now: float | None = None, grace_s: float = 120.0) -> list[FrozenTrial]:
+    """Fail every RUNNING trial whose lease expired or whose owner process is gone.
+
+    A trial with no lease yet is only just asked: its worker writes the lease right after the ask,
+    under the study lock. That write can be held up (a PostgreSQL restart drops the connection, and
+    with it the session-bound lock, while the write retries), so such a trial counts as lost only
+    ``grace_s`` (the sweep's lease_s) after it started, never at once."""
     now = time.time() if now is None else now
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -335,8 +346,10 @@ def fail_stale(study: optuna.Study, now: float | None = None) -> list[FrozenTria
             continue
         if _owner_gone(owner):
             why = f"its sweep process ({owner}) is gone"
-        elif lease is None or float(lease) < now:
+        elif lease is not None and float(lease) < now:
             why = f"its lease expired (owner {owner or 'unknown'})"
+        elif lease is None and (t.datetime_start is None or t.datetime_start.timestamp() + grace_s < now):
+            why = f"it never took a lease in the {grace_s:g} s after it was asked (its worker died while asking)"
         else:
             continue
         reason = f"stale: {why}; the worker was killed or lost"
