@@ -72,6 +72,11 @@ def table(records: list[dict[str, Any]], keys: Sequence[str], reference: dict[st
         values = [r["metrics"][m] for r in rows if m in (r.get("metrics") or {})]
         return statistics.median(values) if values else None
 
+    def interval(rows: list[dict[str, Any]], m: str) -> str:
+        """A single trial's own 95% interval over its eval examples (record `intervals`), where it has one."""
+        low_high = (rows[0].get("intervals") or {}).get(m) if len(rows) == 1 else None
+        return f" [{low_high[0]:.4g}, {low_high[1]:.4g}]" if low_high else ""
+
     ref = {m: median(groups[ref_key], m) for m in metrics}
     header = [*keys, "n", *(f"{m} (x ref)" for m in metrics)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -79,7 +84,8 @@ def table(records: list[dict[str, Any]], keys: Sequence[str], reference: dict[st
         cells = []
         for m in metrics:
             value, base = median(groups[key], m), ref[m]
-            cells.append("-" if value is None or not base else f"{value:.4g} ({value / base:.2f}x)")
+            cells.append("-" if value is None or not base
+                         else f"{value:.4g}{interval(groups[key], m)} ({value / base:.2f}x)")
         lines.append("| " + " | ".join([*key, str(len(groups[key])), *cells]) + " |")
     return "\n".join(lines)
 

@@ -33,13 +33,13 @@ OUR_LOOP = "both (our loop)"
 def run(overrides: list[str], steps: int, rounds: int, profile: int = 0) -> dict[str, list[float]]:
     import torch
 
-    from src import data, fuse, loop, model, worker
+    from src import adapters, data, fuse, loop, model
 
     cfg = compose(["logger=none", *overrides])
     tok, net, _ = model.load(cfg.model, Path(cfg.paths.cache_dir), cfg.train.seed)
     builder = data.PromptBuilder(tok, cfg.data.instruction, cfg.train.max_seq_len, str(cfg.data.truncation))
     examples, _, _ = data.load_splits(cfg.data, builder, 1, cfg.train.seed)
-    net = worker._attach_lora(net, cfg)  # noqa: SLF001 - the trial's own LoRA set-up
+    net = adapters.attach(net, cfg, steps * rounds * len(VARIANTS))  # the trial's own adapter set-up
     probe = torch.tensor([examples[0].input_ids[:8]])
     fused = fuse.apply(net, {"input_ids": probe, "attention_mask": torch.ones_like(probe)})
     net.train()

@@ -19,7 +19,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from src import cpu, quant
+from src import adapters, cpu, quant
 from src import metrics as M
 from src.paths import PROJECT_ROOT, package_dir
 from src.redact import mask_url
@@ -52,8 +52,23 @@ class TrainEngine(StrEnum):
     hf_trainer = "hf_trainer"  # src/hf_engine.py: transformers.Trainer, as a typical user would run it
 
 
-class PeftMethod(StrEnum):
+class PeftMethod(StrEnum):  # src/adapters.py: what each builds with peft
     lora = "lora"
+    dora = "dora"
+    rslora = "rslora"
+    ia3 = "ia3"
+    loha = "loha"
+    lokr = "lokr"
+    vera = "vera"
+    adalora = "adalora"
+    oft = "oft"
+    prompt_tuning = "prompt_tuning"
+    prefix_tuning = "prefix_tuning"
+
+
+class PromptInit(StrEnum):
+    random = "random"
+    sample_vocab = "sample_vocab"
 
 
 class QuantMethod(StrEnum):
@@ -158,12 +173,83 @@ class PeftConfig:
     method: PeftMethod = MISSING
 
 
+# One section per method family (conf/peft/<method>.yaml fills the chosen one). Every section is in
+# every config, unfilled when its method is not chosen, so a search over peft can set any method's
+# knobs; the trial reads only its own method's section (src/adapters.py).
 @dataclass
-class LoraConfig:
+class LoraConfig:           # lora, dora, rslora
     r: int = MISSING
     alpha: float | None = MISSING
     dropout: float = MISSING
     target_modules: list[str] = MISSING
+
+
+@dataclass
+class Ia3Config:
+    target_modules: list[str] = MISSING
+    feedforward_modules: list[str] = MISSING
+
+
+@dataclass
+class LohaConfig:
+    r: int = MISSING
+    alpha: float = MISSING
+    rank_dropout: float = MISSING
+    module_dropout: float = MISSING
+    target_modules: list[str] = MISSING
+
+
+@dataclass
+class LokrConfig:
+    r: int = MISSING
+    alpha: float = MISSING
+    decompose_factor: int = MISSING
+    rank_dropout: float = MISSING
+    module_dropout: float = MISSING
+    target_modules: list[str] = MISSING
+
+
+@dataclass
+class VeraConfig:
+    r: int = MISSING
+    d_initial: float = MISSING
+    dropout: float = MISSING
+    target_modules: list[str] = MISSING
+
+
+@dataclass
+class AdaloraConfig:
+    init_r: int = MISSING
+    target_r: int = MISSING
+    alpha: float = MISSING
+    dropout: float = MISSING
+    tinit_ratio: float = MISSING
+    tfinal_ratio: float = MISSING
+    delta_t: int = MISSING
+    orth_reg_weight: float = MISSING
+    target_modules: list[str] = MISSING
+
+
+@dataclass
+class OftConfig:
+    block_size: int = MISSING
+    coft: bool = MISSING
+    eps: float = MISSING
+    module_dropout: float = MISSING
+    target_modules: list[str] = MISSING
+
+
+@dataclass
+class PromptTuningConfig:
+    num_virtual_tokens: int = MISSING
+    init: PromptInit = MISSING
+
+
+@dataclass
+class PrefixTuningConfig:
+    num_virtual_tokens: int = MISSING
+    projection: bool = MISSING
+    projection_hidden_size: int = MISSING
 
 
 @dataclass
@@ -275,8 +361,16 @@ class TrialConfig:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     peft: PeftConfig = MISSING
-    # Settings of the method peft.method names; None where another method is chosen.
-    lora: LoraConfig | None = None
+    # The methods' settings: the one peft.method reads is filled by its conf/peft/ option.
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    ia3: Ia3Config = field(default_factory=Ia3Config)
+    loha: LohaConfig = field(default_factory=LohaConfig)
+    lokr: LokrConfig = field(default_factory=LokrConfig)
+    vera: VeraConfig = field(default_factory=VeraConfig)
+    adalora: AdaloraConfig = field(default_factory=AdaloraConfig)
+    oft: OftConfig = field(default_factory=OftConfig)
+    prompt_tuning: PromptTuningConfig = field(default_factory=PromptTuningConfig)
+    prefix_tuning: PrefixTuningConfig = field(default_factory=PrefixTuningConfig)
     quant: QuantConfig = MISSING
     cpu: CpuConfig = MISSING
     train: TrainConfig = MISSING
@@ -392,16 +486,68 @@ def _check_train(t: DictConfig, errors: list[str]) -> None:
     _range(errors, "train.memory_limit_mb", t.memory_limit_mb, 1536, allow_none=True)
 
 
-def _check_lora(cfg: DictConfig, errors: list[str]) -> None:
-    lora = cfg.lora
-    if PeftMethod(cfg.peft.method) == PeftMethod.lora and lora is None:
-        errors.append("lora: peft.method=lora needs the lora settings; select them with peft=lora")
+def _modules(errors: list[str], key: str, value: list[str]) -> None:
+    if not value:
+        errors.append(f"{key}: name at least one module (e.g. [q_proj, v_proj])")
+
+
+def _check_peft(cfg: DictConfig, errors: list[str]) -> None:
+    """The chosen method's own section; the others are not read (src/adapters.py)."""
+    method = str(PeftMethod(cfg.peft.method))
+    name = adapters.SECTION[method]
+    s = cfg[name]
+    unset = [k for k in s if OmegaConf.is_missing(s, k)]
+    if unset:
+        errors.append(f"{name}: peft.method={method} needs its settings ({', '.join(f'{name}.{k}' for k in unset)} "
+                      f"unset); choose the method with peft={method}, which fills them")
         return
-    _range(errors, "lora.r", lora.r, 1, 4096)
-    _range(errors, "lora.alpha", lora.alpha, 0, lo_open=True, allow_none=True)
-    _range(errors, "lora.dropout", lora.dropout, 0, 0.9)
-    if not lora.target_modules:
-        errors.append("lora.target_modules: name at least one module (e.g. [q_proj, v_proj])")
+    if "target_modules" in s:
+        _modules(errors, f"{name}.target_modules", s.target_modules)
+    if name in ("lora", "loha", "lokr", "vera"):
+        _range(errors, f"{name}.r", s.r, 1, 4096)
+    if name == "lora":
+        _range(errors, "lora.alpha", s.alpha, 0, lo_open=True, allow_none=True)
+        _range(errors, "lora.dropout", s.dropout, 0, 0.9)
+    elif name in ("loha", "lokr"):
+        _range(errors, f"{name}.alpha", s.alpha, 0, lo_open=True)
+        _range(errors, f"{name}.rank_dropout", s.rank_dropout, 0, 0.9)
+        _range(errors, f"{name}.module_dropout", s.module_dropout, 0, 0.9)
+        if name == "lokr" and s.decompose_factor != -1:
+            _range(errors, "lokr.decompose_factor", s.decompose_factor, 1, 4096)
+    elif name == "ia3":
+        extra = sorted(set(s.feedforward_modules) - set(s.target_modules))
+        if extra:
+            errors.append(f"ia3.feedforward_modules: {extra} are not in ia3.target_modules; the feed-forward "
+                          "modules must be a subset of the targets (add them to ia3.target_modules)")
+    elif name == "vera":
+        _range(errors, "vera.d_initial", s.d_initial, 0, lo_open=True)
+        _range(errors, "vera.dropout", s.dropout, 0, 0.9)
+    elif name == "adalora":
+        _range(errors, "adalora.init_r", s.init_r, 1, 4096)
+        _range(errors, "adalora.target_r", s.target_r, 1, 4096)
+        if s.target_r > s.init_r:
+            errors.append(f"adalora.target_r: {s.target_r} is above adalora.init_r={s.init_r}; AdaLoRA only "
+                          "takes rank away, so give target_r <= init_r")
+        _range(errors, "adalora.alpha", s.alpha, 0, lo_open=True)
+        _range(errors, "adalora.dropout", s.dropout, 0, 0.9)
+        _range(errors, "adalora.tinit_ratio", s.tinit_ratio, 0, 1)
+        _range(errors, "adalora.tfinal_ratio", s.tfinal_ratio, 0, 1)
+        if s.tinit_ratio + s.tfinal_ratio >= 1:
+            errors.append(f"adalora.tinit_ratio + adalora.tfinal_ratio: {s.tinit_ratio} + {s.tfinal_ratio} leaves "
+                          "no steps in which the rank budget moves; keep their sum below 1")
+        _range(errors, "adalora.delta_t", s.delta_t, 1)
+        _range(errors, "adalora.orth_reg_weight", s.orth_reg_weight, 0)
+    elif name == "oft":
+        _range(errors, "oft.block_size", s.block_size, 1, 65536)
+        _range(errors, "oft.eps", s.eps, 0, lo_open=True)
+        _range(errors, "oft.module_dropout", s.module_dropout, 0, 0.9)
+    elif name in ("prompt_tuning", "prefix_tuning"):
+        _range(errors, f"{name}.num_virtual_tokens", s.num_virtual_tokens, 1, 4096)
+        if name == "prefix_tuning":
+            _range(errors, "prefix_tuning.projection_hidden_size", s.projection_hidden_size, 1, 65536)
+    why = adapters.unsupported(cfg)
+    if why:
+        errors.append(f"peft={method} with quant.method={cfg.quant.method}: {why}")
 
 
 def _check_objectives(cfg: DictConfig, errors: list[str]) -> None:
@@ -467,7 +613,7 @@ def validate(cfg: DictConfig) -> None:
     _unknown_keys(cfg, "", errors)
     _check_model(cfg.model, errors)
     _check_data(cfg.data, errors)
-    _check_lora(cfg, errors)
+    _check_peft(cfg, errors)
     quant.check(cfg.quant, errors, cfg.paths.ipex_python)
     _range(errors, "cpu.threads", cfg.cpu.threads, 1, 4096, allow_none=True)
     _range(errors, "cpu.interop_threads", cfg.cpu.interop_threads, 1, 4096)
@@ -497,6 +643,7 @@ def to_plain(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain JSON-able data (enums as their names)."""
     out = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     assert isinstance(out, dict)
+    out = adapters.applied(out)  # only the chosen PEFT method's section: the others are not read
     if isinstance(out.get("paths"), dict):  # a postgresql:// storage URL may carry a password
         out["paths"]["study_storage"] = mask_url(out["paths"].get("study_storage"))
     return out  # type: ignore[return-value]

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from src import adapters
 from src import metrics as M
 from src.data import Example
 from src.loop import TrainStats, total_steps
@@ -98,9 +99,20 @@ def train(model: Any, tokenizer: Any, examples: list[Example], tcfg: Any, out_di
                     on_log(row)
                 self.pending = None
 
+    callbacks: list[Any] = [Measure()]
+    after_optimizer_step = adapters.after_optimizer_step(model)
+    if after_optimizer_step is not None:
+        class MethodStep(TrainerCallback):  # type: ignore[misc]
+            """What the PEFT method needs between the optimizer step and clearing the gradients
+            (AdaLoRA's rank allocation): Trainer calls no method's hook itself."""
+
+            def on_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                after_optimizer_step(state.global_step)  # not yet counted: 0 at the first step
+
+        callbacks.append(MethodStep())
     trainer = Trainer(model=model, args=_arguments(tcfg, steps, out_dir), train_dataset=dataset,
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-                      callbacks=[Measure()])
+                      callbacks=callbacks)
     trainer.train()
     model.eval()
     return stats

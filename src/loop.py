@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import get_scheduler
 
+from src import adapters
 from src import metrics as M
 from src.data import Example
 
@@ -105,6 +106,11 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 
 
 def body_and_head(model: Any) -> tuple[Any, Any] | None:
+    """The decoder body and the vocabulary head to run apart, or None where the model must run whole:
+    its logits are transformed after the head, or peft adds virtual tokens around the base (prompt
+    and prefix tuning: the body alone would never see them)."""
+    if adapters.is_prompt_learning(model):
+        return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     if config is None or any(getattr(config, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS):
@@ -132,7 +138,9 @@ def label_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     keep = labels != -100
     parts = body_and_head(model)
     if parts is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # prompt tuning's virtual tokens come first in the logits; the real positions follow them
+        logits = logits[:, adapters.prepended_positions(model):][:, :-1][keep]
     else:
         body, head = parts
         hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
@@ -144,9 +152,9 @@ def target_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled (summary) positions, as ``model(**batch).loss``
     (which a model without a separable body/head computes itself, its own way)."""
     if body_and_head(model) is None:
-        return model(**batch).loss
+        return model(**batch).loss  # peft's model adds a method's own penalty (AdaLoRA's) to this loss
     logits, targets, _ = label_logits(model, batch)
-    return F.cross_entropy(logits.float(), targets)
+    return F.cross_entropy(logits.float(), targets) + adapters.regularizer(model)
 
 
 def total_steps(tcfg: Any, n_examples: int) -> int:
@@ -168,6 +176,7 @@ def train(model: Any, examples: list[Example], tcfg: Any, pad_id: int,
     if tcfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    after_optimizer_step = adapters.after_optimizer_step(model)  # AdaLoRA's rank allocation
     stream = batches(examples, tcfg.batch_size, tcfg.seed, by_length=bool(tcfg.group_by_length))
     stats = TrainStats()
     start = time.perf_counter()
@@ -187,6 +196,8 @@ def train(model: Any, examples: list[Example], tcfg: Any, pad_id: int,
         if tcfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
         optimizer.step()
+        if after_optimizer_step is not None:
+            after_optimizer_step(step - 1)  # reads the gradients; counts steps from 0, as Trainer does
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         end = time.perf_counter()

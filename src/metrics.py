@@ -9,6 +9,7 @@ TRAIN_TOKENS_PER_S = "train/tokens_per_s"
 TRAIN_STEPS = "train/steps"
 TRAIN_TOKENS = "train/tokens"
 TRAIN_STEP_S = "train/step_s"  # per step, in train_log.jsonl only
+TRAIN_PARAMS = "train/trainable_params"  # what the PEFT method trains (its size, whatever its knobs)
 
 EVAL_LOSS = "eval/loss"
 EVAL_LOSS_TOKENS = "eval/loss_tokens"  # per example only: the reference tokens its loss averages (its weight)
@@ -40,7 +41,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
 QUALITY = (EVAL_LOSS, *EVAL_ROUGE, EVAL_BERTSCORE_F1)
 
 ALWAYS = (
-    TRAIN_LOSS, TRAIN_TOKENS_PER_S, TRAIN_STEPS, TRAIN_TOKENS,
+    TRAIN_LOSS, TRAIN_TOKENS_PER_S, TRAIN_STEPS, TRAIN_TOKENS, TRAIN_PARAMS,
     COST_TRAIN_S, COST_EVAL_S, COST_TOTAL_S, COST_PEAK_RSS_MB, COST_USD, COST_ENERGY_WH, COST_ADAPTER_MB,
     COST_TRAIN_S_ROBUST,
 )

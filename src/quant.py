@@ -166,23 +166,6 @@ def _load_ipex(folder: str | Path, q: Any) -> Any:
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
-def attach_lora(model: Any, q: Any, lora_kwargs: dict[str, Any]) -> Any:
-    """LoRA adapters on ``model``: peft's, or ipex-llm's QLoRA layers over its low-bit linears."""
-    if needs_own_python(q):
-        from ipex_llm.transformers.qlora import LoraConfig as IpexLoraConfig
-        from ipex_llm.transformers.qlora import get_peft_model as ipex_get_peft_model
-
-        return ipex_get_peft_model(model, IpexLoraConfig(**lora_kwargs, training_mode="qlora"))
-    from peft import LoraConfig, get_peft_model
-
-    return get_peft_model(model, LoraConfig(**lora_kwargs))
-
-
-def can_merge(q: Any) -> bool:
-    """Whether LoRA merges into this base (ipex-llm's low-bit layers raise NotImplementedError)."""
-    return not needs_own_python(q)
-
-
 def describe(q: Any, model: Any) -> dict[str, Any]:
     """What was really quantized: counted from the model's layers, not taken from the config."""
     layers: dict[str, int] = {}

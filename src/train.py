@@ -23,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from src import cpu, data, privacy, quant, redact, relay, results, runtime, tracking
+from src import adapters, cpu, data, privacy, quant, redact, relay, results, runtime, tracking
 from src import overrides as overrides_
 from src.config import ConfigError, register_configs, to_plain, validate
 from src.paths import PROJECT_ROOT
@@ -164,8 +164,14 @@ def _study_info(cfg: DictConfig, overrides: list[str]) -> dict[str, Any] | None:
         return None
     values = overrides_.values(overrides)
     # the sweeper names a key as typed (+confirm); its override value is keyed without the prefix
-    return {"name": cfg.study.name, "trial": cfg.study.trial,
-            "params": {k: values.get(overrides_.bare(k)) for k in cfg.study.params}}
+    params = {k: values.get(overrides_.bare(k)) for k in cfg.study.params}
+    # a searched knob of a PEFT method this trial did not choose (lora.r when peft=ia3) is not read
+    ignored = {k: v for k, v in params.items() if not adapters.applies(cfg, overrides_.bare(k))}
+    info = {"name": cfg.study.name, "trial": cfg.study.trial,
+            "params": {k: v for k, v in params.items() if k not in ignored}}
+    if ignored:
+        info["ignored_params"] = ignored
+    return info
 
 
 def trial_identity(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:

@@ -123,15 +123,6 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _attach_lora(model: Any, cfg: DictConfig) -> Any:
-    from src import quant
-
-    lc = cfg.lora
-    return quant.attach_lora(model, cfg.quant, {
-        "r": lc.r, "lora_alpha": lc.alpha if lc.alpha is not None else 2 * lc.r, "lora_dropout": lc.dropout,
-        "target_modules": list(lc.target_modules), "task_type": "CAUSAL_LM"})
-
-
 def _quantized_base(cfg: DictConfig, cache_dir: Path, tdir: Path) -> Any:
     """The base model again, quantized as it loads (the fp32 one served the untuned baseline)."""
     import shutil
@@ -174,8 +165,8 @@ def run(t: Trial) -> str:
     _untuned_baseline(t, net, inputs)
     meter = cost.EnergyMeter.start()  # the trial's own cost starts here: the baseline is shared
     _seed(t.cfg.train.seed)
-    with t.timed("setup"):  # quantizing, attaching LoRA
-        net = _trainable(t, net)
+    with t.timed("setup"):  # quantizing, attaching the adapter
+        net = _trainable(t, net, inputs)
     with interference.Sampler() as sampler:  # its first and last snapshots enclose training
         stats = _train(t, net, inputs)
     if stats.stopped_by == "pruned":  # the study's pruner stopped it: what it cost so far, no evaluation
@@ -248,9 +239,9 @@ def _untuned_baseline(t: Trial, net: Any, inputs: Inputs) -> None:
     t.baseline_rows = info["per_example"]
 
 
-def _trainable(t: Trial, net: Any) -> Any:
-    """The model training starts from: the base (quantized when asked) with LoRA attached."""
-    from src import quant
+def _trainable(t: Trial, net: Any, inputs: Inputs) -> Any:
+    """The model training starts from: the base (quantized when asked) with the PEFT method attached."""
+    from src import adapters, loop, quant
 
     cfg = t.cfg
     if quant.active(cfg.quant):
@@ -260,8 +251,9 @@ def _trainable(t: Trial, net: Any) -> Any:
         t.run["quant"] = quant.describe(cfg.quant, net)
     else:
         t.run["quant"] = {"backend": "none", "bits": 32}
-    net = _attach_lora(net, cfg)
-    t.run["trainable_params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    net = adapters.attach(net, cfg, loop.total_steps(cfg.train, len(inputs.train_examples)))
+    t.run["peft"] = adapters.describe(net, cfg)
+    t.run["trainable_params"] = t.run["peft"]["trainable_params"]
     return net
 
 
@@ -343,17 +335,18 @@ def _fuse(t: Trial, net: Any, inputs: Inputs) -> Any:
 def _evaluate(t: Trial, net: Any, inputs: Inputs) -> tuple[dict[str, float], float]:
     """Scores of the model as it would be deployed: the adapter merged into (or kept beside) the base;
     each example's own scores beside the record, and the metrics' and gains' bootstrap intervals."""
-    from src import evaluate, quant, uncertainty
+    from src import adapters, evaluate, quant, uncertainty
 
     cfg = t.cfg
     t0 = time.perf_counter()
-    merge = cfg.eval.merge_adapter and quant.can_merge(cfg.quant)
+    refusal = adapters.merge_refusal(cfg)
+    merge = bool(cfg.eval.merge_adapter) and refusal is None
     if merge:
         net = net.merge_and_unload()
     base = "fp32 base" if not quant.active(cfg.quant) else f"{t.run['quant']['quant_type']} base"
     t.run["eval_model"] = ("merged into " if merge else "adapter on ") + base
-    if cfg.eval.merge_adapter and not merge:
-        t.run["eval_model"] += f" ({t.run['quant']['backend']} cannot merge LoRA into its layers)"
+    if cfg.eval.merge_adapter and refusal is not None:
+        t.run["eval_model"] += f" ({refusal})"
     with _precision(cfg.cpu.dtype):  # evaluated in the precision it was trained and would be served in
         t.run["eval_decoder"] = evaluate.decoder_for(net, str(cfg.eval.decoder))  # autocast decides too
         scores, rows = _score(t, net, inputs, t.timings)
@@ -403,6 +396,7 @@ def _account(t: Trial, stats: Any, scores: dict[str, float], eval_s: float, mete
     t.metrics = {
         M.TRAIN_LOSS: stats.final_loss, M.TRAIN_TOKENS_PER_S: stats.tokens_per_s,
         M.TRAIN_STEPS: float(stats.steps), M.TRAIN_TOKENS: float(stats.tokens),
+        M.TRAIN_PARAMS: float(t.run["peft"]["trainable_params"]),
         **scores,
         M.COST_TRAIN_S: stats.train_s, M.COST_EVAL_S: eval_s, M.COST_TOTAL_S: total_s,
         M.COST_TRAIN_S_ROBUST: interference.robust_train_s(stats.step_s, stats.step_tokens, quiet) or stats.train_s,
