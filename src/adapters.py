@@ -48,7 +48,7 @@ def applies(cfg: Any, key: str) -> bool:
     return head not in SECTIONS or head == section(cfg)
 
 
-def applied(plain: dict[str, Any]) -> dict[str, Any]:
+def applied(plain: dict[Any, Any]) -> dict[Any, Any]:
     """A plain config without the sections of the methods not chosen (the record shows what ran)."""
     chosen = SECTION.get(str((plain.get("peft") or {}).get("method")))
     return {k: v for k, v in plain.items() if k not in SECTIONS or k == chosen}
@@ -100,17 +100,17 @@ def peft_config(cfg: Any, total_steps: int) -> Any:
         return peft.IA3Config(target_modules=targets, feedforward_modules=list(s.feedforward_modules),
                               task_type="CAUSAL_LM")
     if m == "loha":
-        return peft.LoHaConfig(r=int(s.r), alpha=float(s.alpha), rank_dropout=float(s.rank_dropout),
+        return peft.LoHaConfig(r=int(s.r), alpha=int(s.alpha), rank_dropout=float(s.rank_dropout),
                                module_dropout=float(s.module_dropout), target_modules=targets, task_type="CAUSAL_LM")
     if m == "lokr":
-        return peft.LoKrConfig(r=int(s.r), alpha=float(s.alpha), decompose_factor=int(s.decompose_factor),
+        return peft.LoKrConfig(r=int(s.r), alpha=int(s.alpha), decompose_factor=int(s.decompose_factor),
                                rank_dropout=float(s.rank_dropout), module_dropout=float(s.module_dropout),
                                target_modules=targets, task_type="CAUSAL_LM")
     if m == "vera":
         return peft.VeraConfig(r=int(s.r), d_initial=float(s.d_initial), vera_dropout=float(s.dropout),
                                target_modules=targets, projection_prng_key=int(cfg.train.seed), task_type="CAUSAL_LM")
     if m == "adalora":
-        return peft.AdaLoraConfig(init_r=int(s.init_r), target_r=int(s.target_r), lora_alpha=float(s.alpha),
+        return peft.AdaLoraConfig(init_r=int(s.init_r), target_r=int(s.target_r), lora_alpha=int(s.alpha),
                                   lora_dropout=float(s.dropout), target_modules=targets,
                                   tinit=int(float(s.tinit_ratio) * total_steps),
                                   tfinal=int(float(s.tfinal_ratio) * total_steps), deltaT=int(s.delta_t),
@@ -185,14 +185,13 @@ def regularizer(model: Any) -> Any:
         return 0.0
     name = adalora.trainable_adapter_name
     weight = float(adalora.peft_config[name].orth_reg_weight)
-    total, count = None, 0
+    terms = []
     for param_name, p in adalora.model.named_parameters():
         if name not in param_name or not ("lora_A" in param_name or "lora_B" in param_name):
             continue
         cov = p @ p.T if "lora_A" in param_name else p.T @ p
-        term = torch.linalg.matrix_norm(cov - torch.eye(*cov.shape, dtype=cov.dtype))
-        total, count = (term if total is None else total + term), count + 1
-    return weight * total / count if count else 0.0
+        terms.append(torch.linalg.matrix_norm(cov - torch.eye(*cov.shape, dtype=cov.dtype)))
+    return weight * torch.stack(terms).mean() if terms else 0.0
 
 
 def after_optimizer_step(model: Any) -> Any:

@@ -193,7 +193,7 @@ class Ia3Config:
 @dataclass
 class LohaConfig:
     r: int = MISSING
-    alpha: float = MISSING
+    alpha: int = MISSING     # peft's type
     rank_dropout: float = MISSING
     module_dropout: float = MISSING
     target_modules: list[str] = MISSING
@@ -202,7 +202,7 @@ class LohaConfig:
 @dataclass
 class LokrConfig:
     r: int = MISSING
-    alpha: float = MISSING
+    alpha: int = MISSING     # peft's type
     decompose_factor: int = MISSING
     rank_dropout: float = MISSING
     module_dropout: float = MISSING
@@ -221,7 +221,7 @@ class VeraConfig:
 class AdaloraConfig:
     init_r: int = MISSING
     target_r: int = MISSING
-    alpha: float = MISSING
+    alpha: int = MISSING
     dropout: float = MISSING
     tinit_ratio: float = MISSING
     tfinal_ratio: float = MISSING
