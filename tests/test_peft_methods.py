@@ -83,6 +83,25 @@ def test_every_method_trains_saves_reloads_and_evaluates(cfg_factory, tmp_path, 
     assert len(rows) == 2 and all(isinstance(r["prediction"], str) for r in rows)
 
 
+@pytest.mark.parametrize("method", adapters.METHODS)
+def test_every_method_trains_with_transformers_trainer(cfg_factory, tmp_path, method):
+    """train.engine=hf_trainer: Trainer runs peft's own forward (prompt tokens, AdaLoRA's penalty
+    included); the trained adapter beats a fresh one on the training examples."""
+    from src import hf_engine
+
+    cfg, tok, base, _, train_ex, _ = _setup(cfg_factory, method, "train.engine=hf_trainer", "train.max_steps=4")
+    net = adapters.attach(base, cfg, 4)
+    stats = hf_engine.train(net, tok, train_ex, cfg.train, tmp_path / "hf", on_log=lambda row: None)
+    assert stats.steps == 4 and len(stats.losses) == 4 and all(math.isfinite(x) for x in stats.losses)
+    # 4 steps of 2 examples: at most the 8 longest examples' tokens, virtual tokens not among them
+    longest = [len(ex.input_ids) for ex in train_ex]
+    assert 0 < stats.tokens <= sum(sorted(longest * 2, reverse=True)[:8])
+    pad = int(tok.pad_token_id)
+    net.eval()
+    assert evaluate.eval_loss(net, train_ex, 2, pad) < evaluate.eval_loss(adapters.attach(
+        model.load(cfg.model, Path(cfg.paths.cache_dir), 0)[1], cfg, 4).eval(), train_ex, 2, pad)  # it learnt
+
+
 @pytest.mark.parametrize("engine", ["loop", "hf_trainer"])
 def test_adalora_moves_its_rank_budget_in_both_engines(cfg_factory, tmp_path, engine):
     """Without update_and_allocate after each optimizer step AdaLoRA is plain LoRA with a penalty:
