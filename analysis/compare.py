@@ -106,8 +106,8 @@ def side_by_side(a: Summary, b: Summary) -> list[str]:
                    f"a tenth of the range): {', '.join(f'{v:.4g}' for v in hv[2])}.")
     else:
         out.append("No shared hypervolume: the studies declare different objectives or one has no completed trial.")
-    out.append("Trial time: each trial from its start to its end in the study (process start included), or "
-               "the worker's wall time when read from result.json files.")
+    out.append("Trial time: each trial's worker wall time (its result.json), or its start to its end in the "
+               "study where it has no record.")
     return [*out, ""]
 
 

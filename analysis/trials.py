@@ -37,8 +37,8 @@ class TrialRow:
     error: str | None = None
     result_path: str | None = None
     record: dict[str, Any] | None = None
-    # What the trial took: from the study, its start to its end on the sweeper's clock (process start
-    # and the wait for the result included); from a record, the worker's own wall time.
+    # What the trial took: its worker's wall time (its record's timings); without a record, its start
+    # to its end in the study (a stale trial, found lost later, has none).
     seconds: float | None = None
 
     def config_key(self) -> str:
@@ -207,8 +207,7 @@ def from_storage(study_name: str, storage: str) -> StudyData:
             metrics=metrics, baseline=baseline,
             values=list(t.values) if t.state == TrialState.COMPLETE and t.values else None,
             error=safe(error) if status != "completed" else None, result_path=attrs.get(S.RESULT_PATH),
-            record=record, seconds=(t.datetime_complete - t.datetime_start).total_seconds()
-            if t.datetime_complete and t.datetime_start else None))
+            record=record, seconds=_seconds(t, record)))
     return StudyData(study_name, list(zip(names, directions, strict=True)), rows,
                      f"study '{study_name}' in {safe(storage)}", study, unreadable)
 
@@ -296,6 +295,17 @@ def per_example(row: TrialRow) -> list[dict[str, Any]]:
         return results.read_jsonl(Path(row.result_path).parent / name)
     except (OSError, ValueError):
         return []
+
+
+def _seconds(t: Any, record: dict[str, Any] | None) -> float | None:
+    from src.sweeper import study as S
+
+    wall = _number(((record or {}).get("timings") or {}).get("worker_wall_s"))
+    if wall is not None or t.user_attrs.get(S.STALE):  # a lost trial ends when another sweep notices
+        return wall
+    if t.datetime_complete is None or t.datetime_start is None:
+        return None
+    return float((t.datetime_complete - t.datetime_start).total_seconds())
 
 
 def _number(value: Any) -> float | None:

@@ -93,10 +93,18 @@ def collect(sweep_dir: Path, gemm_gflops: float, sweep_wall_s: float) -> dict[st
     shape = {"model": model["name"], "n_params": model["n_params"],
              "trainable_params": first["run"].get("trainable_params"),
              "batch_size": train["batch_size"], "max_seq_len": train["max_seq_len"], "max_steps": train["max_steps"],
-             "lora_r": first["config"]["lora"]["r"], "quant": first["run"].get("quant", {}).get("backend"),
+             "adapter": _adapter(first), "quant": first["run"].get("quant", {}).get("backend"),
              "dtype": first["config"]["cpu"]["dtype"], "threads": first["cpu"].get("torch_threads"),
              "allocator": first["cpu"].get("allocator")}
     return {"trials": trials, "summary": measure.summarize(numbers), "gap_s_per_trial": gap_s, "trial_shape": shape}
+
+
+def _adapter(record: dict[str, Any]) -> str:
+    """The PEFT method a trial trained, for the table: "LoRA r=16", "DoRA r=16", "ia3"..."""
+    peft = record["run"].get("peft") or {"method": "lora", "settings": record["config"].get("lora") or {}}
+    names = {"lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA"}
+    rank = (peft.get("settings") or {}).get("r")
+    return names.get(peft["method"], peft["method"]) + (f" r={rank}" if rank is not None else "")
 
 
 def _fmt(value: float | None, kind: str) -> str:
@@ -119,7 +127,8 @@ def table(report: dict[str, Any]) -> str:
     isa = ", ".join(f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if m["flags"].get(f))
     lines = [f"Machine: {m['model']}, {m['usable_cores']} usable cores ({isa or 'no AVX-512'}), "
              f"fp32 GEMM peak {report['gemm']['gflops_peak']:.0f} GFLOP/s ({shape['threads']} threads). "
-             f"Trial: {shape['model']} ({shape['n_params'] / 1e6:.1f}M params), LoRA r={shape['lora_r']}, "
+             f"Trial: {shape['model']} ({shape['n_params'] / 1e6:.1f}M params), "
+             f"{shape.get('adapter') or 'LoRA r=' + str(shape.get('lora_r'))}, "
              f"batch {shape['batch_size']} x up to {shape['max_seq_len']} tokens, {shape['max_steps']} steps, "
              f"{shape['dtype']}, allocator {shape['allocator']}; {e['loop']['n']} + {e['hf_trainer']['n']} trials "
              f"interleaved. Measured {report['finished_at'][:10]} by `{report['invocation']}`, i.e. the sweep "

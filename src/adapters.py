@@ -65,8 +65,9 @@ def unsupported(cfg: Any) -> str | None:
     allowed = ON_QUANTIZED.get(backend, ())
     if m in allowed:
         return None
-    return (f"peft has no {m} layers for {backend}'s quantized linears; use quant=none, or with quant.method="
-            f"{backend} one of peft={','.join(allowed)}")
+    what = (f"{m} is not supported on {backend}'s quantized models here (they are trained through LoRA only)"
+            if m in PROMPT_METHODS else f"peft has no {m} layers for {backend}'s quantized linears")
+    return f"{what}; use quant=none, or with quant.method={backend} one of peft={','.join(allowed)}"
 
 
 def merge_refusal(cfg: Any) -> str | None:
@@ -110,10 +111,14 @@ def peft_config(cfg: Any, total_steps: int) -> Any:
         return peft.VeraConfig(r=int(s.r), d_initial=float(s.d_initial), vera_dropout=float(s.dropout),
                                target_modules=targets, projection_prng_key=int(cfg.train.seed), task_type="CAUSAL_LM")
     if m == "adalora":
+        tinit, tfinal = int(float(s.tinit_ratio) * total_steps), int(float(s.tfinal_ratio) * total_steps)
+        if tfinal == 0 and total_steps - tinit >= 2:
+            # peft fixes the final ranks at step total_step - tfinal: with tfinal 0 that step never comes
+            # (steps count from 0), and the budget would end above target_r
+            tfinal = 1
         return peft.AdaLoraConfig(init_r=int(s.init_r), target_r=int(s.target_r), lora_alpha=int(s.alpha),
                                   lora_dropout=float(s.dropout), target_modules=targets,
-                                  tinit=int(float(s.tinit_ratio) * total_steps),
-                                  tfinal=int(float(s.tfinal_ratio) * total_steps), deltaT=int(s.delta_t),
+                                  tinit=tinit, tfinal=tfinal, deltaT=int(s.delta_t),
                                   orth_reg_weight=float(s.orth_reg_weight), total_step=total_steps,
                                   task_type="CAUSAL_LM")
     if m == "oft":

@@ -492,62 +492,61 @@ def _modules(errors: list[str], key: str, value: list[str]) -> None:
 
 
 def _check_peft(cfg: DictConfig, errors: list[str]) -> None:
-    """The chosen method's own section; the others are not read (src/adapters.py)."""
+    """The chosen method's section must be complete; every value set in any section must be valid,
+    read or not: a search over methods checks its extremes before it starts (src/sweeper/space.py),
+    and there a bad knob may be paired only with a method that ignores it."""
     method = str(PeftMethod(cfg.peft.method))
-    name = adapters.SECTION[method]
-    s = cfg[name]
-    unset = [k for k in s if OmegaConf.is_missing(s, k)]
+    chosen = adapters.SECTION[method]
+    unset = [k for k in cfg[chosen] if OmegaConf.is_missing(cfg[chosen], k)]
     if unset:
-        errors.append(f"{name}: peft.method={method} needs its settings ({', '.join(f'{name}.{k}' for k in unset)} "
+        errors.append(f"{chosen}: peft.method={method} needs its settings ({', '.join(f'{chosen}.{k}' for k in unset)} "
                       f"unset); choose the method with peft={method}, which fills them")
-        return
-    if "target_modules" in s:
+    for name in adapters.SECTIONS:
+        _check_section(name, cfg[name], errors)
+    why = adapters.unsupported(cfg)
+    if why:
+        errors.append(f"peft={method} with quant.method={cfg.quant.method}: {why}")
+
+
+def _check_section(name: str, s: DictConfig, errors: list[str]) -> None:
+    """The rules of one method's settings, on the values that are set."""
+    def has(*keys: str) -> bool:
+        return all(k in s and not OmegaConf.is_missing(s, k) for k in keys)
+
+    def rng(key: str, *args: Any, **kwargs: Any) -> None:
+        if has(key):
+            _range(errors, f"{name}.{key}", s[key], *args, **kwargs)
+
+    if has("target_modules"):
         _modules(errors, f"{name}.target_modules", s.target_modules)
-    if name in ("lora", "loha", "lokr", "vera"):
-        _range(errors, f"{name}.r", s.r, 1, 4096)
-    if name == "lora":
-        _range(errors, "lora.alpha", s.alpha, 0, lo_open=True, allow_none=True)
-        _range(errors, "lora.dropout", s.dropout, 0, 0.9)
-    elif name in ("loha", "lokr"):
-        _range(errors, f"{name}.alpha", s.alpha, 0, lo_open=True)
-        _range(errors, f"{name}.rank_dropout", s.rank_dropout, 0, 0.9)
-        _range(errors, f"{name}.module_dropout", s.module_dropout, 0, 0.9)
-        if name == "lokr" and s.decompose_factor != -1:
-            _range(errors, "lokr.decompose_factor", s.decompose_factor, 1, 4096)
-    elif name == "ia3":
+    rng("r", 1, 4096)
+    rng("alpha", 0, lo_open=True, allow_none=name == "lora")
+    for key in ("dropout", "rank_dropout", "module_dropout"):
+        rng(key, 0, 0.9)
+    if has("decompose_factor") and s.decompose_factor != -1:
+        rng("decompose_factor", 1, 4096)
+    if has("target_modules", "feedforward_modules") and name == "ia3":
         extra = sorted(set(s.feedforward_modules) - set(s.target_modules))
         if extra:
             errors.append(f"ia3.feedforward_modules: {extra} are not in ia3.target_modules; the feed-forward "
                           "modules must be a subset of the targets (add them to ia3.target_modules)")
-    elif name == "vera":
-        _range(errors, "vera.d_initial", s.d_initial, 0, lo_open=True)
-        _range(errors, "vera.dropout", s.dropout, 0, 0.9)
-    elif name == "adalora":
-        _range(errors, "adalora.init_r", s.init_r, 1, 4096)
-        _range(errors, "adalora.target_r", s.target_r, 1, 4096)
-        if s.target_r > s.init_r:
-            errors.append(f"adalora.target_r: {s.target_r} is above adalora.init_r={s.init_r}; AdaLoRA only "
-                          "takes rank away, so give target_r <= init_r")
-        _range(errors, "adalora.alpha", s.alpha, 0, lo_open=True)
-        _range(errors, "adalora.dropout", s.dropout, 0, 0.9)
-        _range(errors, "adalora.tinit_ratio", s.tinit_ratio, 0, 1)
-        _range(errors, "adalora.tfinal_ratio", s.tfinal_ratio, 0, 1)
-        if s.tinit_ratio + s.tfinal_ratio >= 1:
-            errors.append(f"adalora.tinit_ratio + adalora.tfinal_ratio: {s.tinit_ratio} + {s.tfinal_ratio} leaves "
-                          "no steps in which the rank budget moves; keep their sum below 1")
-        _range(errors, "adalora.delta_t", s.delta_t, 1)
-        _range(errors, "adalora.orth_reg_weight", s.orth_reg_weight, 0)
-    elif name == "oft":
-        _range(errors, "oft.block_size", s.block_size, 1, 65536)
-        _range(errors, "oft.eps", s.eps, 0, lo_open=True)
-        _range(errors, "oft.module_dropout", s.module_dropout, 0, 0.9)
-    elif name in ("prompt_tuning", "prefix_tuning"):
-        _range(errors, f"{name}.num_virtual_tokens", s.num_virtual_tokens, 1, 4096)
-        if name == "prefix_tuning":
-            _range(errors, "prefix_tuning.projection_hidden_size", s.projection_hidden_size, 1, 65536)
-    why = adapters.unsupported(cfg)
-    if why:
-        errors.append(f"peft={method} with quant.method={cfg.quant.method}: {why}")
+    rng("d_initial", 0, lo_open=True)
+    rng("init_r", 1, 4096)
+    rng("target_r", 1, 4096)
+    if has("init_r", "target_r") and s.target_r > s.init_r:
+        errors.append(f"adalora.target_r: {s.target_r} is above adalora.init_r={s.init_r}; AdaLoRA only "
+                      "takes rank away, so give target_r <= init_r")
+    rng("tinit_ratio", 0, 1)
+    rng("tfinal_ratio", 0, 1)
+    if has("tinit_ratio", "tfinal_ratio") and s.tinit_ratio + s.tfinal_ratio >= 1:
+        errors.append(f"adalora.tinit_ratio + adalora.tfinal_ratio: {s.tinit_ratio} + {s.tfinal_ratio} leaves "
+                      "no steps in which the rank budget moves; keep their sum below 1")
+    rng("delta_t", 1)
+    rng("orth_reg_weight", 0)
+    rng("block_size", 1, 65536)
+    rng("eps", 0, lo_open=True)
+    rng("num_virtual_tokens", 1, 4096)
+    rng("projection_hidden_size", 1, 65536)
 
 
 def _check_objectives(cfg: DictConfig, errors: list[str]) -> None:

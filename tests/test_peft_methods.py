@@ -141,6 +141,9 @@ def test_methods_without_a_penalty_or_step_hook_get_none():
     (["peft=vera", "vera.r=0"], "vera.r: must be >= 1"),
     (["peft=prompt_tuning", "prompt_tuning.num_virtual_tokens=0"], "prompt_tuning.num_virtual_tokens: must be >= 1"),
     (["peft=lokr", "lokr.target_modules=[]"], "lokr.target_modules: name at least one module"),
+    # a knob of a method not chosen is not read, but still checked: a search may pair it with its method
+    (["peft=ia3", "lora.r=0"], "lora.r: must be >= 1"),
+    (["peft=prompt_tuning", "quant=torchao_int8"], "prompt_tuning is not supported on torchao's quantized models"),
 ])
 def test_what_peft_cannot_do_is_refused_before_any_work(cfg_factory, overrides, fragment):
     with pytest.raises(ConfigError) as err:

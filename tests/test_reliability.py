@@ -37,8 +37,11 @@ def _trial_args(data_root: Path, cache_dir: Path) -> list[str]:
 
 def _popen(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     cwd.mkdir(parents=True, exist_ok=True)
+    # A shell without job control (CI run in the background) starts children with SIGINT ignored, and
+    # Python then never turns SIGINT into KeyboardInterrupt: the Ctrl-C test needs the default back.
     return subprocess.Popen([sys.executable, "-m", "src.train", *args], cwd=cwd, text=True,
-                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 # ---- 1. the advisory lock -------------------------------------------------------------------------

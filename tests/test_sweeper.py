@@ -151,14 +151,15 @@ def test_stale_trials_are_failed_and_retried_once(tmp_path):
 def test_a_trial_without_a_lease_yet_is_stale_only_after_the_grace(tmp_path):
     """A trial asked by another worker whose first lease write is held up (a PostgreSQL restart drops
     the session-bound study lock meanwhile) is not failed under it; one that never took a lease in
-    lease_s (its worker died while asking) is."""
+    lease_s since this process first saw it so (its worker died while asking) is."""
     study, _ = _journal_study(tmp_path)
     asked = study.ask(DIST)
     assert S.fail_stale(study, grace_s=60) == []
+    assert S.fail_stale(study, now=time.time() + 30, grace_s=60) == []
     assert study.trials[asked.number].state == TrialState.RUNNING
     failed = S.fail_stale(study, now=time.time() + 61, grace_s=60)
     assert [t.number for t in failed] == [asked.number]
-    assert "never took a lease" in study.trials[asked.number].user_attrs[S.ERROR]
+    assert "took no lease in the 60 s" in study.trials[asked.number].user_attrs[S.ERROR]
     # the worker whose lease write comes after that is told so, and holds nothing
     leases = S.Leases(study._storage, lease_s=60)
     assert leases.take(asked._trial_id) is False and leases.held() == []

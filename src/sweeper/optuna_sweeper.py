@@ -21,6 +21,7 @@ from typing import Any
 import optuna
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from src.sweeper import study as S
@@ -102,14 +103,19 @@ class OptunaSweeper(StudySweeper):
                         room -= 1
                         trial = study.ask(self.distributions)
                         asked.append(trial)
-                        if extend is not None:  # the official key: a function(cfg, trial) suggesting more params
-                            extend(self.config, trial)
-                        params = dict(trial.params)
-                        ovr = space.overrides(params)
-                        if self._repeat(study, trial, params, ovr, outcome):
-                            continue
-                        if not leases.take(trial._trial_id):  # noqa: SLF001
-                            # it counts as a lost trial, as any stale one (retry_stale runs it again)
+                        try:
+                            if extend is not None:  # the official key: a function(cfg, trial) suggesting more
+                                extend(self.config, trial)
+                            params = dict(trial.params)
+                            ovr = space.overrides(params)
+                            if self._repeat(study, trial, params, ovr, outcome):
+                                continue
+                            taken = leases.take(trial._trial_id)  # noqa: SLF001
+                        except UpdateFinishedTrialError:
+                            taken = False
+                        if not taken:
+                            # another worker found it stale while its first writes were held up (a
+                            # database restart): it counts as a lost trial (retry_stale runs it again)
                             log.warning("trial %d was failed by another worker before it started",
                                         trial.number)
                             continue

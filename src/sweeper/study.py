@@ -330,16 +330,26 @@ def fail_trial(study: optuna.Study, trial_id: int, reason: str, stale: bool = Fa
         return False
 
 
+# (study id, trial id) -> when this process first saw the RUNNING trial without a lease
+_UNLEASED: dict[tuple[int, int], float] = {}
+
+
 def fail_stale(study: optuna.Study, now: float | None = None, grace_s: float = 120.0) -> list[FrozenTrial]:
     """Fail every RUNNING trial whose lease expired or whose owner process is gone.
 
     A trial with no lease yet is only just asked: its worker writes the lease right after the ask,
     under the study lock. That write can be held up (a PostgreSQL restart drops the connection, and
     with it the session-bound lock, while the write retries), so such a trial counts as lost only
-    ``grace_s`` (the sweep's lease_s) after it started, never at once."""
+    ``grace_s`` (the sweep's lease_s) after this process first saw it so, never at once. (Timed here,
+    not from the trial's start: a database storage keeps that start in the asking host's local time.)"""
     now = time.time() if now is None else now
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        key = (study._study_id, t._trial_id)  # noqa: SLF001
+        if t.user_attrs.get(LEASE_UNTIL) is None:
+            _UNLEASED.setdefault(key, now)
+        else:
+            _UNLEASED.pop(key, None)
         lease = t.user_attrs.get(LEASE_UNTIL)
         owner = t.user_attrs.get(OWNER)
         if owner == owner_id():
@@ -348,8 +358,8 @@ def fail_stale(study: optuna.Study, now: float | None = None, grace_s: float = 1
             why = f"its sweep process ({owner}) is gone"
         elif lease is not None and float(lease) < now:
             why = f"its lease expired (owner {owner or 'unknown'})"
-        elif lease is None and (t.datetime_start is None or t.datetime_start.timestamp() + grace_s < now):
-            why = f"it never took a lease in the {grace_s:g} s after it was asked (its worker died while asking)"
+        elif lease is None and _UNLEASED[key] + grace_s < now:
+            why = f"it took no lease in the {grace_s:g} s since it was seen asked (its worker died while asking)"
         else:
             continue
         reason = f"stale: {why}; the worker was killed or lost"
