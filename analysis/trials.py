@@ -270,7 +270,7 @@ def from_records(paths: Iterable[Path], study_name: str | None = None) -> StudyD
             number=int(number), status=str(r.get("status")), params=safe(params), overrides=safe(overrides),
             metrics=dict(r.get("metrics") or {}), baseline=dict(r.get("baseline") or {}),
             values=_objective_values(r, names), error=safe(_reason(r)), result_path=str(path.resolve()), record=r,
-            seconds=_number((r.get("timings") or {}).get("worker_wall_s"))))
+            seconds=_wall(r)))
     rows.sort(key=lambda row: row.number)
     names_seen = {_study(r).get("name") for _, r in records}
     name = study_name or (next(iter(names_seen)) if len(names_seen) == 1 and None not in names_seen else None)
@@ -300,12 +300,17 @@ def per_example(row: TrialRow) -> list[dict[str, Any]]:
 def _seconds(t: Any, record: dict[str, Any] | None) -> float | None:
     from src.sweeper import study as S
 
-    wall = _number(((record or {}).get("timings") or {}).get("worker_wall_s"))
+    wall = _wall(record or {})
     if wall is not None or t.user_attrs.get(S.STALE):  # a lost trial ends when another sweep notices
         return wall
     if t.datetime_complete is None or t.datetime_start is None:
         return None
     return float((t.datetime_complete - t.datetime_start).total_seconds())
+
+
+def _wall(record: dict[str, Any]) -> float | None:
+    """The worker's own wall time, from its record."""
+    return _number((record.get("timings") or {}).get("worker_wall_s"))
 
 
 def _number(value: Any) -> float | None:
