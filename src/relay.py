@@ -2,11 +2,13 @@
 
 The worker holds no study credentials (runtime._SECRET_ENV), so it never talks to the study. Every
 ``eval.signal_every`` training steps it appends its signal (the eval loss on a fixed few examples) to
-``signal.jsonl`` in the trial folder and trains on. This relay, a thread of the parent beside
-``runtime.run_worker``, reports each new value to the trial (``src.sweeper.pruning.Reporter``) and,
-when the study's pruner says stop, writes ``prune.json``; the worker stops after its current step and
-records the trial as pruned. Files rather than a pipe: the worker may be a fresh process or a fork of a
-warm worker, and what it reported stays with its trial.
+``signal.jsonl`` in the trial folder and waits for the answer. This relay, a thread of the parent
+beside ``runtime.run_worker``, reports each new value to the trial (``src.sweeper.pruning.Reporter``),
+writes ``prune.json`` when the study's pruner says stop, and answers every report in ``decided.json``
+(the step, and whether to stop). The worker stops at the step it reported, so a pruned trial does not
+pay one more step (about as long as a report's wait is short: measured, a step is seconds, a decision
+milliseconds). Files rather than a pipe: the worker may be a fresh process or a fork of a warm worker,
+and what it reported stays with its trial.
 """
 
 from __future__ import annotations
@@ -26,17 +28,18 @@ class Relay:
     """``with Relay(reporter, trial_dir):`` around the worker's run; ``pruned_at``: the step the pruner
     stopped the trial at, or None."""
 
-    def __init__(self, reporter: Any, trial_dir: Path, poll_s: float = 0.25) -> None:
+    def __init__(self, reporter: Any, trial_dir: Path, poll_s: float = 0.02) -> None:
         self.reporter, self.poll_s = reporter, poll_s
         self.signal, self.prune = trial_dir / results.SIGNAL_FILE, trial_dir / results.PRUNE_FILE
+        self.decided = trial_dir / results.DECIDED_FILE
         self.pruned_at: int | None = None
         self._offset = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="prune-relay", daemon=True)
 
     def __enter__(self) -> Relay:
-        self.signal.unlink(missing_ok=True)
-        self.prune.unlink(missing_ok=True)
+        for path in (self.signal, self.prune, self.decided):
+            path.unlink(missing_ok=True)
         self._thread.start()
         return self
 
@@ -64,12 +67,15 @@ class Relay:
         for line in data[:end].splitlines():
             if self.pruned_at is not None:
                 return
+            stop, step = False, None
             try:
                 row = json.loads(line)
-                stop = self.reporter.report(int(row["step"]), float(row["value"]))
+                step = int(row["step"])
+                stop = self.reporter.report(step, float(row["value"]))
             except Exception as exc:  # noqa: BLE001 - a lost report never fails the trial: it trains on
                 log.warning("could not report the trial's signal to its study (%s); it trains on", exc)
-                continue
             if stop:
-                self.pruned_at = int(row["step"])
-                results.atomic_write_json(self.prune, {"step": self.pruned_at, "value": float(row["value"])})
+                self.pruned_at = step
+                results.atomic_write_json(self.prune, {"step": step, "value": float(row["value"])})
+            if step is not None:  # the worker waits for this answer (prune.json first: it is what it records)
+                results.atomic_write_json(self.decided, {"step": step, "prune": bool(stop)})

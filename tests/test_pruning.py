@@ -290,7 +290,7 @@ def test_a_trial_of_the_real_cli_is_pruned_after_its_first_report(tmp_path, data
         record = json.loads((sweep / str(t.number) / "result.json").read_text())
         assert record["status"] == "pruned" and record["objectives"] == {}
         assert record["run"]["pruned"]["step"] == 2 and record["run"]["stopped_by"] == "pruned"
-        assert 2 <= record["run"]["pruned"]["stopped_after_step"] < 400  # long before its end
+        assert record["run"]["pruned"]["stopped_after_step"] == 2  # at the step it reported: the worker waits for the answer
         assert "eval/rougeL" not in record["metrics"] and record["metrics"]["cost/train_s"] > 0
         assert record["timings"]["signal_s"] > 0
         signal = [json.loads(x) for x in (sweep / str(t.number) / "signal.jsonl").read_text().splitlines()]
@@ -301,3 +301,77 @@ def test_a_trial_of_the_real_cli_is_pruned_after_its_first_report(tmp_path, data
 
     for data in (A.from_storage("pruned-cli", str(journal)), A.from_records(sorted(sweep.glob("*/result.json")))):
         assert [(r.status, r.error) for r in data.rows] == [("pruned", "pruned by the study's pruner at step 2")] * 2
+
+
+class _Reporter:
+    """Stands in for the study: says stop at ``stop_at``; raises for a value below zero (an unreachable
+    database)."""
+
+    def __init__(self, stop_at: int) -> None:
+        self.stop_at, self.seen = stop_at, []
+
+    def report(self, step: int, value: float) -> bool:
+        if value < 0:
+            raise ConnectionError("database unreachable")
+        self.seen.append(step)
+        return step >= self.stop_at
+
+
+def test_the_relay_answers_every_report_and_the_worker_waits_for_the_answer(tmp_path):
+    """The worker's wait (src/worker._await_decision) gets the parent's answer to the step it reported:
+    go on, or stop there (prune.json written first, with the value); a report that cannot reach the
+    study is answered 'go on'; an answer that never comes is not waited for past the bound."""
+    from src import relay, worker
+    from src import results as R
+
+    reporter = _Reporter(stop_at=4)
+    signal, decided = tmp_path / R.SIGNAL_FILE, tmp_path / R.DECIDED_FILE
+    assert worker._await_decision(decided, 1, wait_s=0.05) is None  # no relay: the bound, then train on
+    with relay.Relay(reporter, tmp_path) as rl:
+        for step, value, prune in ((1, -1.0, False), (2, 2.5, False), (4, 2.9, True)):
+            with open(signal, "a") as fh:
+                fh.write(json.dumps({"step": step, "value": value}) + "\n")
+            t0 = time.perf_counter()
+            assert worker._await_decision(decided, step) == {"step": step, "prune": prune}
+            assert time.perf_counter() - t0 < 5
+        assert rl.pruned_at == 4
+    assert reporter.seen == [2, 4]
+    assert json.loads((tmp_path / R.PRUNE_FILE).read_text()) == {"step": 4, "value": 2.9}
+
+
+def test_the_worker_reports_at_its_cadence_and_last_step_on_the_shortest_examples(tmp_path, monkeypatch):
+    """worker._signal: a report every eval.signal_every steps and at the last one, each on the same
+    eval.signal_examples shortest eval examples; the answer 'prune' ends training at the reported step,
+    recorded with the pruner's value."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from src import evaluate, worker
+    from src import results as R
+
+    cfg = OmegaConf.create({"trial": {"reports_signal": True}, "eval": {"signal_every": 4, "signal_examples": 2},
+                            "train": {"max_steps": 10, "epochs": None, "batch_size": 2}})
+    lengths = [9, 3, 7, 2, 5]
+    inputs = SimpleNamespace(train_examples=[], pad_id=0,
+                             eval_examples=[SimpleNamespace(input_ids=[1] * n) for n in lengths])
+    judged: list[list[int]] = []
+    monkeypatch.setattr(evaluate, "eval_loss", lambda net, ex, bs, pad: judged.append(
+        [len(e.input_ids) for e in ex]) or 1.0)
+    net = SimpleNamespace(eval=lambda: None, train=lambda: None)
+    answers = {4: False, 8: False, 10: True}
+
+    def answer(decided: Path, step: int, wait_s: float = 0) -> dict:
+        if answers[step]:
+            R.atomic_write_json(tmp_path / R.PRUNE_FILE, {"step": step, "value": 1.0})
+        return {"step": step, "prune": answers[step]}
+
+    monkeypatch.setattr(worker, "_await_decision", answer)
+    t = worker.Trial(cfg=cfg, trial_dir=tmp_path)
+    on_step = worker._signal(t, net, inputs)
+    stopped = [step for step in range(1, 11) if on_step(step)]
+    assert stopped == [10]
+    assert [json.loads(x)["step"] for x in (tmp_path / R.SIGNAL_FILE).read_text().splitlines()] == [4, 8, 10]
+    assert judged == [[2, 3]] * 3
+    assert t.run["pruned"] == {"step": 10, "value": 1.0, "stopped_after_step": 10}
+    assert t.timings["signal_s"] >= 0 and t.artifacts["signal"] == R.SIGNAL_FILE
