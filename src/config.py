@@ -296,6 +296,7 @@ class TrainConfig:
     worker_timeout_s: float = MISSING
     memory_limit_mb: int | None = MISSING
     warm_worker: bool = MISSING
+    profile_steps: int = MISSING
 
 
 @dataclass
@@ -479,6 +480,7 @@ def _check_train(t: DictConfig, errors: list[str]) -> None:
     _range(errors, "train.grad_accum", t.grad_accum, 1, 4096)
     _range(errors, "train.max_seq_len", t.max_seq_len, 32, 131072)
     _range(errors, "train.max_grad_norm", t.max_grad_norm, 0, lo_open=True, allow_none=True)
+    _range(errors, "train.profile_steps", t.profile_steps, 0, 1000)
     _range(errors, "train.seed", t.seed, 0, 2**32 - 1)
     _range(errors, "train.log_every", t.log_every, 1)
     _range(errors, "train.worker_timeout_s", t.worker_timeout_s, 0, lo_open=True)

@@ -73,7 +73,7 @@ def train(model: Any, tokenizer: Any, examples: list[Example], tcfg: Any, out_di
             if tcfg.time_budget_s is not None and stats.train_s >= tcfg.time_budget_s and state.global_step < steps:
                 stats.stopped_by = "time_budget"
                 control.should_training_stop = True
-            if on_step is not None:
+            if on_step is not None and stats.stopped_by != "time_budget":  # as the loop: no report past the budget
                 t_hook = time.perf_counter()
                 if on_step(state.global_step):
                     stats.stopped_by = "pruned"

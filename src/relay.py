@@ -28,7 +28,7 @@ class Relay:
     """``with Relay(reporter, trial_dir):`` around the worker's run; ``pruned_at``: the step the pruner
     stopped the trial at, or None."""
 
-    def __init__(self, reporter: Any, trial_dir: Path, poll_s: float = 0.02) -> None:
+    def __init__(self, reporter: Any, trial_dir: Path, poll_s: float = 0.05) -> None:
         self.reporter, self.poll_s = reporter, poll_s
         self.signal, self.prune = trial_dir / results.SIGNAL_FILE, trial_dir / results.PRUNE_FILE
         self.decided = trial_dir / results.DECIDED_FILE
@@ -55,7 +55,8 @@ class Relay:
             self.drain()
 
     def drain(self) -> None:
-        """Report every complete line written since the last call (until the trial is pruned)."""
+        """Report every complete line written since the last call, and answer each (after the trial is
+        pruned, with 'stop' without asking the study again)."""
         try:
             with open(self.signal, "rb") as fh:
                 fh.seek(self._offset)
@@ -65,17 +66,23 @@ class Relay:
         end = data.rfind(b"\n") + 1  # a line still being written waits for the next call
         self._offset += end
         for line in data[:end].splitlines():
-            if self.pruned_at is not None:
-                return
-            stop, step = False, None
             try:
                 row = json.loads(line)
-                step = int(row["step"])
-                stop = self.reporter.report(step, float(row["value"]))
-            except Exception as exc:  # noqa: BLE001 - a lost report never fails the trial: it trains on
-                log.warning("could not report the trial's signal to its study (%s); it trains on", exc)
-            if stop:
-                self.pruned_at = step
-                results.atomic_write_json(self.prune, {"step": step, "value": float(row["value"])})
-            if step is not None:  # the worker waits for this answer (prune.json first: it is what it records)
-                results.atomic_write_json(self.decided, {"step": step, "prune": bool(stop)})
+                step, value = int(row["step"]), float(row["value"])
+            except (ValueError, KeyError, TypeError):
+                log.warning("a line of the trial's signal could not be read; it is not reported")
+                continue
+            stop = self.pruned_at is not None  # once pruned, every later report is answered 'stop'
+            if not stop:
+                try:
+                    stop = bool(self.reporter.report(step, value))
+                except Exception as exc:  # noqa: BLE001 - a lost report never fails the trial: it trains on
+                    log.warning("could not report the trial's signal to its study (%s); it trains on", exc)
+            try:
+                if stop and self.pruned_at is None:
+                    self.pruned_at = step
+                    results.atomic_write_json(self.prune, {"step": step, "value": value})
+                # the worker waits for this answer (prune.json first: it is what the worker records)
+                results.atomic_write_json(self.decided, {"step": step, "prune": stop})
+            except OSError as exc:  # the worker's wait runs out, then it trains on; the relay goes on
+                log.warning("could not answer the trial's report of step %d (%s)", step, exc)

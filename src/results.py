@@ -23,6 +23,7 @@ SCHEMA_VERSION = 3  # 2: model, baseline, quant, trainable params, stop reason a
 RESULT_FILE = "result.json"          # the record
 CONFIG_FILE = "trial_config.json"    # the resolved config, written by the parent, read by the worker
 TRAIN_LOG = "train_log.jsonl"        # one row per logged training step
+PROFILE_FILE = "profile.txt"         # train.profile_steps > 0: where the profiled steps' time went, by operator
 PREDICTIONS = "predictions.jsonl"    # id, reference, prediction of every eval example (stays on disk)
 PER_EXAMPLE = "per_example.jsonl"    # id and each metric's value per eval example: numbers only, no text
 BASELINE_PER_EXAMPLE = "baseline_per_example.jsonl"  # the same for the untuned model

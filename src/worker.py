@@ -261,9 +261,16 @@ def _train(t: Trial, net: Any, inputs: Inputs) -> Any:
     from src import loop
 
     cfg = t.cfg
-    on_step = _signal(t, net, inputs)
+    signal = _signal(t, net, inputs)
     fused = _fuse(t, net, inputs)
-    with open(t.trial_dir / results.TRAIN_LOG, "w") as train_log:
+    with open(t.trial_dir / results.TRAIN_LOG, "w") as train_log, _profiling(t) as profiled:
+        def on_step(step: int) -> bool:
+            if profiled is not None:
+                profiled()
+            return bool(signal(step)) if signal is not None else False
+
+        hook = on_step if profiled is not None or signal is not None else None
+
         def on_log(row: dict[str, float]) -> None:
             train_log.write(json.dumps(row) + "\n")
             train_log.flush()
@@ -274,9 +281,9 @@ def _train(t: Trial, net: Any, inputs: Inputs) -> Any:
                 from src import hf_engine
 
                 stats = hf_engine.train(net, inputs.tok, inputs.train_examples, cfg.train,
-                                        t.trial_dir / ".hf_trainer", on_log, on_step)
+                                        t.trial_dir / ".hf_trainer", on_log, hook)
             else:
-                stats = loop.train(net, inputs.train_examples, cfg.train, inputs.pad_id, on_log, on_step)
+                stats = loop.train(net, inputs.train_examples, cfg.train, inputs.pad_id, on_log, hook)
     t.artifacts["train_log"] = results.TRAIN_LOG
     t.run["stopped_by"] = stats.stopped_by
     if fused is not None:
@@ -304,6 +311,7 @@ def _signal(t: Trial, net: Any, inputs: Inputs) -> Any:
     signal_path, prune_path = trial_dir / results.SIGNAL_FILE, trial_dir / results.PRUNE_FILE
     t.timings["signal_s"] = 0.0
     t.artifacts["signal"] = results.SIGNAL_FILE
+    patience = [DECISION_WAIT_S]  # after one unanswered report, the next are not waited for until answered
 
     def stop_at(step: int) -> bool:
         decided, _ = results.load(prune_path)
@@ -321,7 +329,8 @@ def _signal(t: Trial, net: Any, inputs: Inputs) -> Any:
         net.train()
         with open(signal_path, "a") as fh:
             fh.write(json.dumps({"step": step, "value": value}) + "\n")
-        answer = _await_decision(trial_dir / results.DECIDED_FILE, step)
+        answer = _await_decision(trial_dir / results.DECIDED_FILE, step, patience[0], prune_path)
+        patience[0] = DECISION_WAIT_S if answer is not None else 0.0
         t.timings["signal_s"] += time.perf_counter() - t0  # the wait for the answer is the signal's cost too
         return stop_at(step) if answer is not None and answer.get("prune") else False
 
@@ -332,16 +341,55 @@ DECISION_WAIT_S = 10.0  # a report the parent cannot answer by then (its databas
                         # for: training goes on, and a late prune.json still stops it at a later step
 
 
-def _await_decision(decided: Path, step: int, wait_s: float = DECISION_WAIT_S) -> dict[str, Any] | None:
+def _await_decision(decided: Path, step: int, wait_s: float = DECISION_WAIT_S,
+                    pruned: Path | None = None) -> dict[str, Any] | None:
     """The parent's answer to the report of ``step`` (src/relay.py: ``{"step", "prune"}``), or None when
-    it did not come in ``wait_s``."""
+    it did not come in ``wait_s``. A ``pruned`` file (the study stopped the trial at an earlier report
+    whose answer came late) is an answer too: stop."""
     deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
+    while True:
+        if pruned is not None and pruned.exists():
+            return {"step": step, "prune": True}
         answer, _ = results.load(decided)  # written atomically: whole or absent
         if answer is not None and int(answer.get("step", -1)) >= step:
             return answer
+        if time.monotonic() >= deadline:
+            return None
         time.sleep(0.005)
-    return None
+
+
+PROFILE_WARMUP_STEPS = 2  # as bench.measure: the first steps pay for allocations and MKL's kernel choice
+
+
+@contextlib.contextmanager
+def _profiling(t: Trial) -> Iterator[Any]:
+    """train.profile_steps > 0: torch.profiler over that many steps after the warm-up ones, inside the
+    trial's own process (threads, allocator and all, which an in-process benchmark does not have); the
+    operators by self CPU time go to profile.txt. Yields what to call after each training step, or None.
+    The profiled steps run slower; ``run.profiled_steps`` says which they were."""
+    steps = int(t.cfg.train.profile_steps)
+    if steps <= 0:
+        yield None
+        return
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    done = [0]  # training steps finished so far
+
+    def write(prof: Any) -> None:
+        first, last = PROFILE_WARMUP_STEPS + 1, min(PROFILE_WARMUP_STEPS + steps, done[0])
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+        (t.trial_dir / results.PROFILE_FILE).write_text(
+            f"torch.profiler, training steps {first}-{last} of this trial, sorted by self CPU time\n{table}\n")
+        t.artifacts["profile"] = results.PROFILE_FILE
+        t.run["profiled_steps"] = [first, last]
+
+    def step() -> None:
+        done[0] += 1
+        prof.step()
+
+    with profile(activities=[ProfilerActivity.CPU], on_trace_ready=write,
+                 schedule=schedule(wait=PROFILE_WARMUP_STEPS, warmup=0, active=steps, repeat=1)) as prof:
+        yield step
 
 
 def _fuse(t: Trial, net: Any, inputs: Inputs) -> Any:

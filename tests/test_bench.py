@@ -169,3 +169,25 @@ def test_interference_bench_runs_idle_and_busy_trials_and_writes_the_readme_bloc
     text = readme.read_text()
     assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
     assert "| all |" in text and "cost/train_s_robust" in text
+
+
+def test_cpu_ablation_runs_each_variant_in_its_own_worker_process_with_its_settings(tmp_path, data_root, cache_dir):
+    """bench.ablate_cpu: one process per variant, started with the trial worker's environment plus the
+    variant's own overrides and variables, read back inside each process (threads, malloc settings)."""
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- ratios:ablation_cpu:begin -->\nold\n<!-- ratios:ablation_cpu:end -->\nb\n")
+    tunables = "glibc.malloc.trim_threshold=268435456"
+    proc = subprocess.run([sys.executable, "-m", "bench.ablate_cpu", "--steps", "2", "--rounds", "2",
+                           "--variant", "default=", "--variant", f"one=cpu.threads=1 GLIBC_TUNABLES={tunables}",
+                           "--readme", str(readme), *TINY, f"data.root={data_root}", f"paths.cache_dir={cache_dir}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "x first" not in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| default", "| one"]
+    assert "system malloc, " in rows[0] and rows[0].endswith("| 1.00x |")
+    assert f"system malloc, GLIBC_TUNABLES={tunables}, 1 threads" in rows[1]
+    assert "(1 steps per variant after warm-up, interleaved" in proc.stdout  # round 0 and each round's step 1
+    assert "one=cpu.threads=1" in readme.read_text() and "old" not in readme.read_text()
+    bad = subprocess.run([sys.executable, "-m", "bench.ablate_cpu", "--variant", "x", "--variant", "y=cpu.threads=1"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "expected NAME=SETTINGS" in bad.stderr

@@ -290,7 +290,7 @@ def test_a_trial_of_the_real_cli_is_pruned_after_its_first_report(tmp_path, data
         record = json.loads((sweep / str(t.number) / "result.json").read_text())
         assert record["status"] == "pruned" and record["objectives"] == {}
         assert record["run"]["pruned"]["step"] == 2 and record["run"]["stopped_by"] == "pruned"
-        assert record["run"]["pruned"]["stopped_after_step"] == 2  # at the step it reported: the worker waits for the answer
+        assert record["run"]["pruned"]["stopped_after_step"] == 2  # the step it reported: it waits for the answer
         assert "eval/rougeL" not in record["metrics"] and record["metrics"]["cost/train_s"] > 0
         assert record["timings"]["signal_s"] > 0
         signal = [json.loads(x) for x in (sweep / str(t.number) / "signal.jsonl").read_text().splitlines()]
@@ -325,18 +325,21 @@ def test_the_relay_answers_every_report_and_the_worker_waits_for_the_answer(tmp_
     from src import results as R
 
     reporter = _Reporter(stop_at=4)
-    signal, decided = tmp_path / R.SIGNAL_FILE, tmp_path / R.DECIDED_FILE
+    signal, decided, pruned = tmp_path / R.SIGNAL_FILE, tmp_path / R.DECIDED_FILE, tmp_path / R.PRUNE_FILE
     assert worker._await_decision(decided, 1, wait_s=0.05) is None  # no relay: the bound, then train on
     with relay.Relay(reporter, tmp_path) as rl:
-        for step, value, prune in ((1, -1.0, False), (2, 2.5, False), (4, 2.9, True)):
+        for step, value, prune in ((1, -1.0, False), (2, 2.5, False), (4, 2.9, True), (6, 2.0, True)):
             with open(signal, "a") as fh:
                 fh.write(json.dumps({"step": step, "value": value}) + "\n")
             t0 = time.perf_counter()
             assert worker._await_decision(decided, step) == {"step": step, "prune": prune}
             assert time.perf_counter() - t0 < 5
+            assert pruned.exists() == prune  # written before the answer: the worker records its value
         assert rl.pruned_at == 4
-    assert reporter.seen == [2, 4]
-    assert json.loads((tmp_path / R.PRUNE_FILE).read_text()) == {"step": 4, "value": 2.9}
+    assert reporter.seen == [2, 4]  # after the pruner's 'stop', a later report is answered without asking it
+    assert json.loads(pruned.read_text()) == {"step": 4, "value": 2.9}
+    # a 'stop' whose answer came after the worker's wait ran out is an answer to its next report
+    assert worker._await_decision(tmp_path / "none.json", 8, wait_s=5, pruned=pruned) == {"step": 8, "prune": True}
 
 
 def test_the_worker_reports_at_its_cadence_and_last_step_on_the_shortest_examples(tmp_path, monkeypatch):
@@ -350,8 +353,6 @@ def test_the_worker_reports_at_its_cadence_and_last_step_on_the_shortest_example
     from src import evaluate, worker
     from src import results as R
 
-    cfg = OmegaConf.create({"trial": {"reports_signal": True}, "eval": {"signal_every": 4, "signal_examples": 2},
-                            "train": {"max_steps": 10, "epochs": None, "batch_size": 2}})
     lengths = [9, 3, 7, 2, 5]
     inputs = SimpleNamespace(train_examples=[], pad_id=0,
                              eval_examples=[SimpleNamespace(input_ids=[1] * n) for n in lengths])
@@ -359,19 +360,42 @@ def test_the_worker_reports_at_its_cadence_and_last_step_on_the_shortest_example
     monkeypatch.setattr(evaluate, "eval_loss", lambda net, ex, bs, pad: judged.append(
         [len(e.input_ids) for e in ex]) or 1.0)
     net = SimpleNamespace(eval=lambda: None, train=lambda: None)
-    answers = {4: False, 8: False, 10: True}
 
-    def answer(decided: Path, step: int, wait_s: float = 0) -> dict:
-        if answers[step]:
-            R.atomic_write_json(tmp_path / R.PRUNE_FILE, {"step": step, "value": 1.0})
-        return {"step": step, "prune": answers[step]}
+    def trial(max_steps: int, answers: dict[int, bool | None], folder: str,
+              ) -> tuple[worker.Trial, list[int], list[float]]:
+        """Steps 1..max_steps through the hook; ``answers``: the parent's answer per reported step (None:
+        none in time)."""
+        d = tmp_path / folder
+        d.mkdir()
+        waits: list[float] = []
 
-    monkeypatch.setattr(worker, "_await_decision", answer)
-    t = worker.Trial(cfg=cfg, trial_dir=tmp_path)
-    on_step = worker._signal(t, net, inputs)
-    stopped = [step for step in range(1, 11) if on_step(step)]
-    assert stopped == [10]
-    assert [json.loads(x)["step"] for x in (tmp_path / R.SIGNAL_FILE).read_text().splitlines()] == [4, 8, 10]
-    assert judged == [[2, 3]] * 3
+        def answer(decided: Path, step: int, wait_s: float = 0, pruned: Path | None = None) -> dict | None:
+            waits.append(wait_s)
+            if answers[step]:
+                R.atomic_write_json(d / R.PRUNE_FILE, {"step": step, "value": 1.0})
+            return None if answers[step] is None else {"step": step, "prune": answers[step]}
+
+        monkeypatch.setattr(worker, "_await_decision", answer)
+        cfg = OmegaConf.create({"trial": {"reports_signal": True}, "eval": {"signal_every": 4, "signal_examples": 2},
+                                "train": {"max_steps": max_steps, "epochs": None, "batch_size": 2}})
+        t = worker.Trial(cfg=cfg, trial_dir=d)
+        on_step = worker._signal(t, net, inputs)
+        stopped = next(([step] for step in range(1, max_steps + 1) if on_step(step)), [])  # training ends there
+        reported = [json.loads(x)["step"] for x in (d / R.SIGNAL_FILE).read_text().splitlines()]
+        return t, [*stopped, -1, *reported], waits
+
+    t, steps, waits = trial(10, {4: False, 8: False, 10: True}, "last")
+    assert steps == [10, -1, 4, 8, 10]  # the last step reports too, and stops there
+    assert judged == [[2, 3]] * 3  # the two shortest eval examples, every time
     assert t.run["pruned"] == {"step": 10, "value": 1.0, "stopped_after_step": 10}
-    assert t.timings["signal_s"] >= 0 and t.artifacts["signal"] == R.SIGNAL_FILE
+    assert t.artifacts["signal"] == R.SIGNAL_FILE and waits == [worker.DECISION_WAIT_S] * 3
+    _, steps, _ = trial(8, {4: False, 8: False}, "multiple")
+    assert steps == [-1, 4, 8]  # a last step on the cadence reports once; not pruned: trains to the end
+    # an unanswered report: the next one is not waited for; a 'stop' that came late stops the next step
+    t, steps, waits = trial(12, {4: None, 8: True, 12: False}, "late")
+    assert steps == [8, -1, 4, 8] and waits == [worker.DECISION_WAIT_S, 0.0]
+    (tmp_path / "late2").mkdir()
+    late = worker.Trial(cfg=t.cfg, trial_dir=tmp_path / "late2")
+    on_step = worker._signal(late, net, inputs)
+    R.atomic_write_json(tmp_path / "late2" / R.PRUNE_FILE, {"step": 4, "value": 3.0})
+    assert on_step(5) is True and late.run["pruned"] == {"step": 4, "value": 3.0, "stopped_after_step": 5}

@@ -277,3 +277,18 @@ def test_any_local_hf_model_and_jsonl_data_with_own_field_names(tmp_path, data_r
     assert r.run["model"]["origin"] == str(model_dir)
     assert r.metrics[M.TRAIN_STEPS] == 2  # 6 examples, batch 2, 2 micro-batches a step: 1.5 -> 2
     assert r.data["splits"]["train"]["records"] == 6
+
+
+@pytest.mark.parametrize("steps,profiled", [(5, [3, 4]), (3, [3, 3])])
+def test_profiled_trial_writes_where_its_steps_time_went(tmp_path, data_root, cache_dir, steps, profiled):
+    """train.profile_steps=2: torch.profiler runs inside the trial's own worker over the steps after the two
+    warm-up ones, and writes its operator table beside the record; a trial that ends inside the window
+    writes what it profiled."""
+    proc, sweep_dir = _sweep(tmp_path, data_root, cache_dir, "logger=none", "train.profile_steps=2",
+                             f"train.max_steps={steps}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r,) = _records(sweep_dir)
+    assert r.status == "completed" and r.artifacts["profile"] == "profile.txt"
+    assert r.run["profiled_steps"] == profiled
+    text = (Path(r.trial["dir"]) / "profile.txt").read_text()
+    assert f"training steps {profiled[0]}-" in text and "aten::mm" in text and "Self CPU" in text
