@@ -79,6 +79,7 @@ class QuantMethod(StrEnum):
 
 
 class Allocator(StrEnum):
+    auto = "auto"
     system = "system"
     tcmalloc = "tcmalloc"
     jemalloc = "jemalloc"

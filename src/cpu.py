@@ -64,7 +64,7 @@ def check(cpu: Any, errors: list[str], flags: set[str] | None = None, usable: se
     flags = hw.cpu_flags() if flags is None else flags
     usable = set(os.sched_getaffinity(0)) if usable is None else usable
     allocator = str(cpu.allocator)
-    if allocator != "system" and find_allocator(allocator) is None:
+    if allocator not in ("system", "auto") and find_allocator(allocator) is None:
         errors.append(f"cpu.allocator: {allocator} is not installed here; install Debian's "
                       f"{ALLOCATOR_PACKAGES[allocator]} (`make setup` does, as root) or use cpu.allocator=system")
     try:
@@ -121,6 +121,8 @@ def env(cpu: Any, threads: int) -> dict[str, str]:
     lib = find_allocator(str(cpu.allocator))
     if lib:
         out["LD_PRELOAD"] = lib
+        if "tcmalloc" in lib:  # else it prints a stack for every allocation over 1 GB (a large model's embedding)
+            out["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] = str(1 << 40)
     if cpu.isa is not None:
         level = ISA_LEVELS[str(cpu.isa)]
         out.update(ONEDNN_MAX_CPU_ISA=level["onednn"], MKL_ENABLE_INSTRUCTIONS=level["mkl"],

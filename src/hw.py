@@ -90,8 +90,14 @@ _ALLOCATOR_LIBS = {"tcmalloc": ("libtcmalloc.so.4", "libtcmalloc_minimal.so.4", 
 _LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
              "/usr/local/lib", f"{sys.prefix}/lib")
 
+AUTO_ALLOCATOR = "tcmalloc"  # what cpu.allocator=auto preloads where it is installed (see conf/cpu/default.yaml)
+
+
 def find_allocator(name: str) -> str | None:
-    """Path of the allocator's shared library on this machine, or None."""
+    """Path of the allocator's shared library on this machine, or None (``auto``: tcmalloc's, where
+    installed, else None: the system's malloc)."""
+    if name == "auto":
+        name = AUTO_ALLOCATOR
     if name == "system":
         return None
     for d in _LIB_DIRS:

@@ -48,8 +48,26 @@ def test_env_sets_every_library_for_an_isa_cap_and_preloads_the_allocator(monkey
     assert (env["ONEDNN_MAX_CPU_ISA"], env["MKL_ENABLE_INSTRUCTIONS"], env["ATEN_CPU_CAPABILITY"]) == (
         "AVX2", "AVX2", "avx2")
     assert env["LD_PRELOAD"] == "/lib/libjemalloc.so" and env["OMP_PROC_BIND"] == "close"
-    plain = cpu.env(knobs(), threads=2)
+    plain = cpu.env(knobs(allocator="system"), threads=2)
     assert not {"LD_PRELOAD", "ONEDNN_MAX_CPU_ISA", "OMP_PROC_BIND", "KMP_AFFINITY"} & set(plain)
+
+
+def test_auto_allocator_preloads_tcmalloc_where_installed_and_falls_back_to_system_malloc(monkeypatch):
+    """cpu.allocator=auto (the default): tcmalloc (measured faster, bench.ablate_cpu) where its library is
+    found, told not to print a stack per allocation over 1 GB; else the system's malloc, and no error."""
+    from src import hw
+
+    assert knobs().allocator == "auto"
+    monkeypatch.setattr(hw, "_LIB_DIRS", ("/lib",))
+    monkeypatch.setattr(hw.Path, "is_file", lambda self: str(self) == "/lib/libtcmalloc.so.4")
+    env = cpu.env(knobs(), threads=2)
+    assert env["LD_PRELOAD"] == "/lib/libtcmalloc.so.4" and int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 2**40
+    monkeypatch.setattr(hw.Path, "is_file", lambda self: False)  # not installed
+    errors: list[str] = []
+    cpu.check(knobs(), errors, flags=ALL_FLAGS, usable={0, 1})
+    assert errors == [] and "LD_PRELOAD" not in cpu.env(knobs(), threads=2)
+    cpu.check(knobs(allocator="tcmalloc"), errors, flags=ALL_FLAGS, usable={0, 1})
+    assert "libgoogle-perftools4" in errors[0]  # asked for by name, it must be there
 
 
 @pytest.mark.parametrize(("over", "fragment"), [
