@@ -178,16 +178,19 @@ def test_cpu_ablation_runs_each_variant_in_its_own_worker_process_with_its_setti
     readme.write_text("a\n<!-- ratios:ablation_cpu:begin -->\nold\n<!-- ratios:ablation_cpu:end -->\nb\n")
     tunables = "glibc.malloc.trim_threshold=268435456"
     proc = subprocess.run([sys.executable, "-m", "bench.ablate_cpu", "--steps", "2", "--rounds", "2",
-                           "--variant", "default=", "--variant", f"one=cpu.threads=1 GLIBC_TUNABLES={tunables}",
+                           "--variant", "default=", "--variant", f"one=cpu.threads=1 cpu.allocator=system GLIBC_TUNABLES={tunables}",
                            "--readme", str(readme), *TINY, f"data.root={data_root}", f"paths.cache_dir={cache_dir}"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "x first" not in line]
     assert [r.split(" | ")[0] for r in rows] == ["| default", "| one"]
-    assert "system malloc, " in rows[0] and rows[0].endswith("| 1.00x |")
+    from src import hw
+
+    auto = "tcmalloc" if hw.find_allocator("auto") else "system"  # the default: tcmalloc where installed
+    assert f"| {auto} malloc, " in rows[0] and rows[0].endswith("| 1.00x |")
     assert f"system malloc, GLIBC_TUNABLES={tunables}, 1 threads" in rows[1]
     assert "(1 steps per variant after warm-up, interleaved" in proc.stdout  # round 0 and each round's step 1
-    assert "one=cpu.threads=1" in readme.read_text() and "old" not in readme.read_text()
+    assert "one=cpu.threads=1 cpu.allocator=system" in readme.read_text() and "\nold\n" not in readme.read_text()
     bad = subprocess.run([sys.executable, "-m", "bench.ablate_cpu", "--variant", "x", "--variant", "y=cpu.threads=1"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "expected NAME=SETTINGS" in bad.stderr
