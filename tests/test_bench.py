@@ -177,8 +177,9 @@ def test_cpu_ablation_runs_each_variant_in_its_own_worker_process_with_its_setti
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- ratios:ablation_cpu:begin -->\nold\n<!-- ratios:ablation_cpu:end -->\nb\n")
     tunables = "glibc.malloc.trim_threshold=268435456"
+    one = f"one=cpu.threads=1 cpu.allocator=system GLIBC_TUNABLES={tunables}"
     proc = subprocess.run([sys.executable, "-m", "bench.ablate_cpu", "--steps", "2", "--rounds", "2",
-                           "--variant", "default=", "--variant", f"one=cpu.threads=1 cpu.allocator=system GLIBC_TUNABLES={tunables}",
+                           "--variant", "default=", "--variant", one,
                            "--readme", str(readme), *TINY, f"data.root={data_root}", f"paths.cache_dir={cache_dir}"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
