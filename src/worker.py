@@ -265,9 +265,14 @@ def _train(t: Trial, net: Any, inputs: Inputs) -> Any:
     fused = _fuse(t, net, inputs)
     with open(t.trial_dir / results.TRAIN_LOG, "w") as train_log, _profiling(t) as profiled:
         def on_step(step: int) -> bool:
+            stop = False
+            if signal is not None:
+                # (paused only where it reports: each toggle of the profiler logs a warning)
+                with profiled.paused() if profiled is not None and signal.reports(step) else contextlib.nullcontext():
+                    stop = bool(signal(step))
             if profiled is not None:
-                profiled()
-            return bool(signal(step)) if signal is not None else False
+                profiled.step()
+            return stop
 
         hook = on_step if profiled is not None or signal is not None else None
 
@@ -284,6 +289,8 @@ def _train(t: Trial, net: Any, inputs: Inputs) -> Any:
                                         t.trial_dir / ".hf_trainer", on_log, hook)
             else:
                 stats = loop.train(net, inputs.train_examples, cfg.train, inputs.pad_id, on_log, hook)
+        if profiled is not None:
+            profiled.done = stats.steps  # a step the time budget ended was trained, though not hooked
     t.artifacts["train_log"] = results.TRAIN_LOG
     t.run["stopped_by"] = stats.stopped_by
     if fused is not None:
@@ -318,10 +325,13 @@ def _signal(t: Trial, net: Any, inputs: Inputs) -> Any:
         t.run["pruned"] = {**(decided or {}), "stopped_after_step": step}
         return True
 
+    def reports(step: int) -> bool:
+        return step % every == 0 or step == last
+
     def on_step(step: int) -> bool:
         if prune_path.exists():  # an answer that came after its wait ran out
             return stop_at(step)
-        if step % every and step != last:
+        if not reports(step):
             return False
         t0 = time.perf_counter()
         net.eval()  # no dropout: the same examples give comparable values across steps and trials
@@ -334,6 +344,7 @@ def _signal(t: Trial, net: Any, inputs: Inputs) -> Any:
         t.timings["signal_s"] += time.perf_counter() - t0  # the wait for the answer is the signal's cost too
         return stop_at(step) if answer is not None and answer.get("prune") else False
 
+    on_step.reports = reports  # type: ignore[attr-defined]  # the profiler leaves these steps' reports out
     return on_step
 
 
@@ -361,35 +372,59 @@ def _await_decision(decided: Path, step: int, wait_s: float = DECISION_WAIT_S,
 PROFILE_WARMUP_STEPS = 2  # as bench.measure: the first steps pay for allocations and MKL's kernel choice
 
 
+class _Profiled:
+    """The trial's profiler as the training hook sees it: ``step()`` after each training step,
+    ``paused()`` around work that is not training (the pruning signal), ``done``: steps trained."""
+
+    def __init__(self, prof: Any) -> None:
+        self.prof, self.done = prof, 0
+
+    def step(self) -> None:
+        self.done += 1
+        self.prof.step()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        from torch.profiler import ProfilerActivity
+
+        self.prof.toggle_collection_dynamic(False, [ProfilerActivity.CPU])
+        try:
+            yield
+        finally:
+            self.prof.toggle_collection_dynamic(True, [ProfilerActivity.CPU])
+
+
 @contextlib.contextmanager
-def _profiling(t: Trial) -> Iterator[Any]:
+def _profiling(t: Trial) -> Iterator[_Profiled | None]:
     """train.profile_steps > 0: torch.profiler over that many steps after the warm-up ones, inside the
     trial's own process (threads, allocator and all, which an in-process benchmark does not have); the
-    operators by self CPU time go to profile.txt. Yields what to call after each training step, or None.
-    The profiled steps run slower; ``run.profiled_steps`` says which they were."""
+    operators by self CPU time go to profile.txt. Yields the profiler's handle for the training hook, or
+    None. The profiled steps run slower; ``run.profiled_steps`` says which they were."""
     steps = int(t.cfg.train.profile_steps)
     if steps <= 0:
         yield None
         return
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    done = [0]  # training steps finished so far
+    handle: _Profiled | None = None
 
     def write(prof: Any) -> None:
-        first, last = PROFILE_WARMUP_STEPS + 1, min(PROFILE_WARMUP_STEPS + steps, done[0])
+        assert handle is not None
+        first, last = PROFILE_WARMUP_STEPS + 1, min(PROFILE_WARMUP_STEPS + steps, handle.done)
+        if last < first:  # training ended before the window
+            return
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
         (t.trial_dir / results.PROFILE_FILE).write_text(
-            f"torch.profiler, training steps {first}-{last} of this trial, sorted by self CPU time\n{table}\n")
+            f"torch.profiler, training steps {first}-{last} of this trial (the pruning signal left out), "
+            f"sorted by self CPU time\n{table}\n")
         t.artifacts["profile"] = results.PROFILE_FILE
         t.run["profiled_steps"] = [first, last]
 
-    def step() -> None:
-        done[0] += 1
-        prof.step()
-
+    # the step before the window is the profiler's own warm-up (its start-up would skew the first one)
     with profile(activities=[ProfilerActivity.CPU], on_trace_ready=write,
-                 schedule=schedule(wait=PROFILE_WARMUP_STEPS, warmup=0, active=steps, repeat=1)) as prof:
-        yield step
+                 schedule=schedule(wait=PROFILE_WARMUP_STEPS - 1, warmup=1, active=steps, repeat=1)) as prof:
+        handle = _Profiled(prof)
+        yield handle
 
 
 def _fuse(t: Trial, net: Any, inputs: Inputs) -> Any:

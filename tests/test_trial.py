@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from src import hw
 from src import metrics as M
 from src.results import TrialResult
 from src.sweeper import study as S
@@ -65,7 +66,8 @@ def test_sweep_records_one_complete_result_per_trial(wandb_sweep):
         assert 0 <= shares["train"]["quiet_steps"] <= 3
         assert 0 < r.metrics[M.COST_TRAIN_S_ROBUST] <= 2 * r.metrics[M.COST_TRAIN_S]
         assert r.data["splits"]["train"]["used"] == 6 and r.data["splits"]["eval"]["used"] == 2
-        assert r.cpu["torch_threads"] >= 1 and r.cpu["allocator"] == "system"
+        auto = "tcmalloc" if hw.find_allocator("auto") else "system"  # cpu.allocator=auto, the default
+        assert r.cpu["torch_threads"] >= 1 and r.cpu["allocator"] == auto
         assert r.environment["packages"]["torch"].startswith("2.13.0")
         assert "git_commit" in r.environment and r.seed == 42
         tdir = Path(r.trial["dir"])
@@ -292,3 +294,36 @@ def test_profiled_trial_writes_where_its_steps_time_went(tmp_path, data_root, ca
     assert r.run["profiled_steps"] == profiled
     text = (Path(r.trial["dir"]) / "profile.txt").read_text()
     assert f"training steps {profiled[0]}-" in text and "aten::mm" in text and "Self CPU" in text
+
+
+def test_the_profiler_window_leaves_out_paused_work_and_names_the_steps_it_saw(tmp_path):
+    """worker._profiling: steps 3..2+N are recorded; work inside ``paused()`` (the pruning signal) is not;
+    a window cut short says where it ended; a trial that never reached the window writes nothing."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from src import worker
+
+    def trial(name: str, steps: int, trained: int) -> worker.Trial:
+        (tmp_path / name).mkdir()
+        t = worker.Trial(cfg=OmegaConf.create({"train": {"profile_steps": steps}}), trial_dir=tmp_path / name)
+        x = torch.randn(32, 32)
+        with worker._profiling(t) as profiled:
+            assert profiled is not None
+            for _ in range(trained):
+                x @ x
+                with profiled.paused():
+                    torch.relu(x)
+                profiled.step()
+        return t
+
+    t = trial("whole", 2, 6)
+    text = (tmp_path / "whole" / "profile.txt").read_text()
+    assert t.run["profiled_steps"] == [3, 4] and "training steps 3-4" in text
+    assert "aten::mm" in text and "aten::relu" not in text
+    assert trial("cut", 3, 4).run["profiled_steps"] == [3, 4]
+    short = trial("short", 2, 2)
+    assert "profiled_steps" not in short.run and not (tmp_path / "short" / "profile.txt").exists()
+    off = worker.Trial(cfg=OmegaConf.create({"train": {"profile_steps": 0}}), trial_dir=tmp_path)
+    with worker._profiling(off) as profiled:
+        assert profiled is None
