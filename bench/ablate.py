@@ -18,7 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.trial_config import compose
+from bench.trial_config import compose, load
 
 VARIANTS = {  # name: (loss on targets only, length-grouped batches, fused shared-input projections)
     "plain (full-vocab loss, random batches)": (False, False, False),
@@ -33,12 +33,10 @@ OUR_LOOP = "both (our loop)"
 def run(overrides: list[str], steps: int, rounds: int, profile: int = 0) -> dict[str, list[float]]:
     import torch
 
-    from src import adapters, data, fuse, loop, model
+    from src import adapters, fuse, loop
 
     cfg = compose(["logger=none", *overrides])
-    tok, net, _ = model.load(cfg.model, Path(cfg.paths.cache_dir), cfg.train.seed)
-    builder = data.PromptBuilder(tok, cfg.data.instruction, cfg.train.max_seq_len, str(cfg.data.truncation))
-    examples, _, _ = data.load_splits(cfg.data, builder, 1, cfg.train.seed)
+    tok, net, _, _, examples, _ = load(cfg)
     net = adapters.attach(net, cfg, steps * rounds * len(VARIANTS))  # the trial's own adapter set-up
     probe = torch.tensor([examples[0].input_ids[:8]])
     fused = fuse.apply(net, {"input_ids": probe, "attention_mask": torch.ones_like(probe)})

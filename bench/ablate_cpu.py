@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.trial_config import compose
+from bench.trial_config import compose, load
 
 
 def parse_variant(text: str) -> tuple[str, list[str], dict[str, str]]:
@@ -122,15 +122,12 @@ def child(overrides: list[str]) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from src import adapters, data, hw, loop, model
-    from src.worker import _precision
+    from src import adapters, hw, loop
+    from src.worker import _precision, set_threads
 
     cfg = compose(["logger=none", *overrides])
-    torch.set_num_threads(int(os.environ["PARETUNE_THREADS"]))
-    torch.set_num_interop_threads(int(cfg.cpu.interop_threads))
-    tok, net, _ = model.load(cfg.model, Path(cfg.paths.cache_dir), cfg.train.seed)
-    builder = data.PromptBuilder(tok, cfg.data.instruction, cfg.train.max_seq_len, str(cfg.data.truncation))
-    examples, _, _ = data.load_splits(cfg.data, builder, 1, cfg.train.seed)
+    set_threads(cfg.cpu)  # as the trial's worker does, from the environment its parent set
+    tok, net, _, _, examples, _ = load(cfg)
     net = adapters.attach(net, cfg, 1000)
     malloc_env = {k: v for k, v in os.environ.items() if k == "GLIBC_TUNABLES" or k.startswith("MALLOC_")}
     answer({"allocator": hw.allocator_in_effect(), "threads": torch.get_num_threads(), "malloc_env": malloc_env})

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.trial_config import compose
+from bench.trial_config import compose, load
 from src import hw
 from src.paths import PROJECT_ROOT
 
@@ -30,13 +30,11 @@ def measure(rounds: int, examples: int, overrides: list[str], hf_batch_size: int
     import torch
     from omegaconf import OmegaConf
 
-    from src import data, evaluate, model
+    from src import evaluate
 
     cfg = compose([*overrides, f"eval.num_examples={examples}", "eval.metrics=[loss,rouge]"])
     torch.set_num_threads(hw.usable_cores())
-    tok, net, facts = model.load(cfg.model, Path(cfg.paths.cache_dir), cfg.train.seed)
-    builder = data.PromptBuilder(tok, cfg.data.instruction, cfg.train.max_seq_len, str(cfg.data.truncation))
-    _, eval_ex, _ = data.load_splits(cfg.data, builder, examples, cfg.train.seed)
+    tok, net, facts, builder, _, eval_ex = load(cfg, examples)
     runs: dict[str, list[dict[str, float]]] = {d: [] for d in DECODERS}
     texts: dict[str, list[str]] = {}
     for r in range(rounds):

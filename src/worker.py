@@ -190,15 +190,21 @@ def _process() -> dict[str, Any]:
             "warm_worker_pid": int(server) if server else None}
 
 
-def _apply_cpu(t: Trial) -> None:
+def set_threads(cpu_cfg: Any) -> None:
+    """torch's thread pools, from PARETUNE_THREADS (set by the parent from cfg.cpu; a worker started by
+    hand uses every usable core)."""
     import torch
 
-    from src import cpu, hw
+    from src import hw
 
-    # Set by the parent from cfg.cpu; a worker started by hand uses every usable core.
-    threads = int(os.environ.get("PARETUNE_THREADS") or hw.usable_cores())
-    torch.set_num_threads(threads)
-    torch.set_num_interop_threads(int(t.cfg.cpu.interop_threads))  # once per process, before parallel work
+    torch.set_num_threads(int(os.environ.get("PARETUNE_THREADS") or hw.usable_cores()))
+    torch.set_num_interop_threads(int(cpu_cfg.interop_threads))  # once per process, before parallel work
+
+
+def _apply_cpu(t: Trial) -> None:
+    from src import cpu
+
+    set_threads(t.cfg.cpu)
     t.cpu = cpu.in_effect(t.cfg.cpu)
 
 
@@ -318,7 +324,7 @@ def _signal(t: Trial, net: Any, inputs: Inputs) -> Any:
     signal_path, prune_path = trial_dir / results.SIGNAL_FILE, trial_dir / results.PRUNE_FILE
     t.timings["signal_s"] = 0.0
     t.artifacts["signal"] = results.SIGNAL_FILE
-    patience = [DECISION_WAIT_S]  # after one unanswered report, the next are not waited for until answered
+    patience = DECISION_WAIT_S  # after one unanswered report, the next are not waited for until answered
 
     def stop_at(step: int) -> bool:
         decided, _ = results.load(prune_path)
@@ -329,6 +335,7 @@ def _signal(t: Trial, net: Any, inputs: Inputs) -> Any:
         return step % every == 0 or step == last
 
     def on_step(step: int) -> bool:
+        nonlocal patience
         if prune_path.exists():  # an answer that came after its wait ran out
             return stop_at(step)
         if not reports(step):
@@ -339,8 +346,8 @@ def _signal(t: Trial, net: Any, inputs: Inputs) -> Any:
         net.train()
         with open(signal_path, "a") as fh:
             fh.write(json.dumps({"step": step, "value": value}) + "\n")
-        answer = _await_decision(trial_dir / results.DECIDED_FILE, step, patience[0], prune_path)
-        patience[0] = DECISION_WAIT_S if answer is not None else 0.0
+        answer = _await_decision(trial_dir / results.DECIDED_FILE, step, patience, prune_path)
+        patience = DECISION_WAIT_S if answer is not None else 0.0
         t.timings["signal_s"] += time.perf_counter() - t0  # the wait for the answer is the signal's cost too
         return stop_at(step) if answer is not None and answer.get("prune") else False
 
