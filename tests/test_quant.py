@@ -59,9 +59,12 @@ def test_what_a_backend_lacks_is_refused(name, over, fragment):
 
 @pytest.mark.parametrize(("name", "layer"), [("bnb_nf4", "Linear4bit"), ("bnb_fp4", "Linear4bit"),
                                              ("bnb_int8", "Linear8bitLt"), ("torchao_int8", "Linear[Int8Tensor]")])
-def test_each_backend_trains_lora_on_the_tiny_model(tmp_path, held_out_root, cache_dir, name, layer):
-    # held_out_root: the eval pairs are not training pairs, so a lower eval loss is not memorisation
-    proc = run_cli([*TINY, f"data.root={held_out_root}", f"paths.cache_dir={cache_dir}", "logger=none",
+def test_each_backend_trains_lora_on_the_tiny_model(tmp_path, data_root, cache_dir, name, layer):
+    # data_root: the eval pairs are training pairs, so a lower eval loss than the untuned quantized base
+    # shows that the deployed model (the adapter merged into the quantized weights) kept what training
+    # learnt. Held-out gains on this random model are noise: measured here, they ranged from +0.03 to
+    # -2.7 across backends and seeds, which says nothing about a backend.
+    proc = run_cli([*TINY, f"data.root={data_root}", f"paths.cache_dir={cache_dir}", "logger=none",
                     f"hydra.run.dir={tmp_path / 'run'}", f"quant={name}", "train.max_steps=10", "train.lr=0.05",
                     # bitsandbytes' CPU 4-bit kernel packs weights in blocks of 64 inputs: wider than TINY's 32
                     "model.shape.hidden_size=64", "model.shape.intermediate_size=128",
@@ -73,9 +76,12 @@ def test_each_backend_trains_lora_on_the_tiny_model(tmp_path, held_out_root, cac
     assert facts["backend"] == name.split("_")[0]
     assert facts["quantized_layers"][layer] == 2 * 7  # 2 layers x 7 projections
     assert record["run"]["eval_model"] == f"merged into {facts['quant_type']} base"
+    # its untuned baseline was scored on the quantized base it trained on, never on an fp32 copy
+    double = " double-quant" if facts["double_quant"] else ""
+    assert record["run"]["baseline"]["precision"] == f"{facts['backend']} {facts['quant_type']}{double}"
     log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["train/loss"] < log[0]["train/loss"] - 0.5, [x["train/loss"] for x in log]
-    assert record["gains"]["gain/loss"] < -0.5  # held-out loss fell too: what it learnt carries over
+    assert record["gains"]["gain/loss"] < -0.5, record["gains"]  # the merged model kept what it learnt
     assert not (tmp_path / "run" / ".base").exists()  # the scratch copy of the tiny base is gone
 
 
@@ -92,10 +98,10 @@ def test_ipex_needs_its_environment(tmp_path):
     assert quant.worker_python(q("ipex_sym_int4", bits=32, quant_type=None), "/x/python") == sys.executable
 
 
-def test_ipex_sym_int4_trains_lora_in_its_own_environment(tmp_path, held_out_root, cache_dir):
+def test_ipex_sym_int4_trains_lora_in_its_own_environment(tmp_path, data_root, cache_dir):
     if not IPEX_PYTHON.exists():
         require("the ipex-llm environment", f"{IPEX_PYTHON} is missing; create it with `make ipex-venv`")
-    proc = run_cli([*TINY, f"data.root={held_out_root}", f"paths.cache_dir={cache_dir}", "logger=none",
+    proc = run_cli([*TINY, f"data.root={data_root}", f"paths.cache_dir={cache_dir}", "logger=none",
                     f"hydra.run.dir={tmp_path / 'run'}", "quant=ipex_sym_int4", "train.max_steps=10",
                     "train.lr=0.05", "model.shape.hidden_size=64", "model.shape.intermediate_size=128",
                     "train.warmup_ratio=0", "train.scheduler=constant", "eval.metrics=[loss,rouge]"],
@@ -113,4 +119,6 @@ def test_ipex_sym_int4_trains_lora_in_its_own_environment(tmp_path, held_out_roo
     log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     first, last = log[0]["train/loss"], sum(x["train/loss"] for x in log[-3:]) / 3
     assert last < first - 0.5, [x["train/loss"] for x in log]
-    assert record["gains"]["gain/loss"] < -0.5  # held-out loss fell too: the adapter learnt something
+    assert record["run"]["baseline"]["precision"] == "ipex sym_int4"  # scored on its own int4 base
+    # eval pairs are training pairs (see the test above): the adapter beside the int4 base kept what it learnt
+    assert record["gains"]["gain/loss"] < -0.5, record["gains"]
