@@ -4,6 +4,7 @@
     python -m analysis compare STUDY_OR_DIR_A STUDY_OR_DIR_B [--storage URL]
     python -m analysis ratios SWEEP_DIR... --keys cpu.allocator cpu.threads quant \\
         --reference cpu.allocator=system cpu.threads=2 quant=none [--readme README.md [--block NAME]]
+    python -m analysis scaling SWEEP_DIR... [--gemm-gflops X] [--readme README.md --block scaling]
 
 Bad input ends with one line naming the problem and the fix (exit 2); an output that cannot be
 written, or an unexpected failure, with one line too (exit 1). ``--debug`` shows the traceback.
@@ -204,6 +205,31 @@ def _ratios(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scaling(args: argparse.Namespace) -> int:
+    from analysis import scaling
+    from analysis.trials import describe_unreadable
+    from src import hw
+
+    records, unreadable = scaling.read(args.paths)
+    if not records:
+        also = f"; unreadable records: {describe_unreadable(unreadable)}" if unreadable else ""
+        raise ValueError(f"no completed trial under {[str(p) for p in args.paths]}{also}")
+    gemm = args.gemm_gflops
+    if gemm is None and not args.no_speed:
+        gemm = float(hw.gemm_peak(hw.usable_cores())["gflops_peak"])
+    facts = hw.probe()
+    machine = f"{facts['model']}, {facts['usable_cores']} cores, {hw.memory_mb() / 1024:.0f} GiB"
+    text = scaling.table(scaling.rows(records, gemm), gemm, machine)
+    if args.readme:
+        document = args.readme.read_text()
+        new = ratios.replace_block(document, text, args.block)
+        _writing(args.readme, lambda: args.readme.write_text(new))
+    print(text)
+    if unreadable:
+        print(f"warning: unreadable records, left out: {describe_unreadable(unreadable)}", file=sys.stderr)
+    return 0
+
+
 def _confirm(args: argparse.Namespace) -> int:
     from analysis import confirm, report
 
@@ -268,6 +294,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--metrics", nargs="+", default=list(ratios.DEFAULT_METRICS))
     r.add_argument("--readme", type=Path, help="also write the table between the ratio markers of this file")
     r.add_argument("--block", help="write between <!-- ratios:BLOCK:begin/end --> (several tables in one file)")
+    sc = sub.add_parser("scaling", parents=[common],
+                        help="speed, memory, load time and adapter size against model size, with the plan beside")
+    sc.add_argument("paths", nargs="+", type=Path, help="the scaling study's sweep folders or result.json files")
+    sc.add_argument("--gemm-gflops", type=float,
+                    help="the fp32 GEMM peak the planned speeds use (default: measured now, on this machine)")
+    sc.add_argument("--no-speed", action="store_true", help="no planned speeds (skips the GEMM measurement)")
+    sc.add_argument("--readme", type=Path, help="also write the table between the ratio markers of this file")
+    sc.add_argument("--block", help="write between <!-- ratios:BLOCK:begin/end --> (several tables in one file)")
     return parser
 
 
@@ -275,8 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     prog = f"{parser.prog} {args.command}"
-    run = {"report": _report, "compare": _compare, "ratios": _ratios, "confirm": _confirm}[args.command]
-    if args.command != "ratios":
+    run = {"report": _report, "compare": _compare, "ratios": _ratios, "confirm": _confirm,
+           "scaling": _scaling}[args.command]
+    if args.command not in ("ratios", "scaling"):
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"

@@ -83,6 +83,11 @@ def markdown(s: Summary, written_configs: dict[str, tuple[Path, str]], files: li
     out = [f"# Pareto report: {s.data.name}", ""]
     out += [f"- Source: {s.data.source}", f"- Trials: {len(s.data.rows)} ({_status_counts(s)}); "
             f"{len(s.groups)} distinct completed configuration(s)"]
+    models = [((r.record or {}).get("run") or {}).get("model") or {} for r in s.data.rows]
+    synthetic = sorted({str(m.get("name")) for m in models if "synthetic" in m})
+    if synthetic:  # random weights: what they say about quality would be noise, and none was measured
+        out.append(f"- Models: **synthetic: speed and memory only** ({', '.join(synthetic)}: random weights in a "
+                   "public model's shape; no quality was measured, so no quality front is drawn)")
     if s.data.unreadable:  # a record cut short by a crash must not vanish from the count unnoticed
         out.append(f"- Unreadable records, left out: {describe_unreadable(s.data.unreadable)}")
     out.append("- Objectives: " + ", ".join(f"{n} ({d})" for n, d in s.data.objectives))

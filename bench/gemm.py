@@ -9,25 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 
 def measure(threads: int, n: int = 2048, reps: int = 10) -> dict[str, float | int]:
-    import torch
+    from src.hw import gemm_peak  # the planner (src.plan) measures the same peak
 
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
-    for _ in range(2):  # warm-up: page in, let MKL pick its kernels
-        torch.mm(a, b, out=out)
-    rates = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
-    return {"gflops_peak": max(rates), "gflops_median": statistics.median(rates), "n": n, "reps": reps,
-            "threads": torch.get_num_threads()}
+    return gemm_peak(threads, n, reps)
 
 
 def main() -> None:

@@ -300,6 +300,7 @@ class TrainConfig:
     log_every: int = MISSING
     worker_timeout_s: float = MISSING
     memory_limit_mb: int | None = MISSING
+    plan_memory: bool = MISSING
     warm_worker: bool = MISSING
     profile_steps: int = MISSING
 
@@ -403,6 +404,20 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("paretune_first"):
         # The first value that is set: e.g. a trial dir named by the Optuna trial, else Hydra's job number.
         OmegaConf.register_new_resolver("paretune_first", lambda *v: next((x for x in v if x is not None), None))
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The trial configuration ``python -m src.train overrides...`` would run: composed, checked, and
+    made plain (enums as their names, as the worker reads them), so a bad override is named before any
+    work (the planner and the benchmarks start from it)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=overrides)
+    validate(cfg)
+    return OmegaConf.create(to_plain(cfg))
 
 
 # ---- cross-field rules ---------------------------------------------------------------------------

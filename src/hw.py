@@ -54,6 +54,37 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def memory_mb(meminfo: Path = Path("/proc/meminfo")) -> float:
+    """The machine's physical memory (MemTotal), in MiB."""
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) / 1024
+    raise OSError(f"{meminfo}: no MemTotal line")
+
+
+def gemm_peak(threads: int, n: int = 2048, reps: int = 10) -> dict[str, float | int]:
+    """The fp32 matmul peak, measured: the best of ``reps`` square products of size ``n`` after two
+    warm-ups (page-in, MKL's kernel choice); the median says how steady it was. Sets torch's threads:
+    run it in a process of its own where that matters (bench.gemm)."""
+    import statistics
+    import time
+
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    for _ in range(2):
+        torch.mm(a, b, out=out)
+    rates = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return {"gflops_peak": max(rates), "gflops_median": statistics.median(rates), "n": n, "reps": reps,
+            "threads": torch.get_num_threads()}
+
+
 def probe() -> dict[str, object]:
     info = _cpuinfo()
     flags = set(info.get("flags", "").split())

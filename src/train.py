@@ -23,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from src import adapters, cpu, data, privacy, quant, redact, relay, results, runtime, tracking
+from src import adapters, cpu, data, plan, privacy, quant, redact, relay, results, runtime, tracking
 from src import overrides as overrides_
 from src.config import ConfigError, register_configs, to_plain, validate
 from src.paths import PROJECT_ROOT
@@ -56,7 +56,11 @@ def preflight(cfg: DictConfig) -> dict[str, int]:
                 if isinstance(value, DictConfig | ListConfig):
                     OmegaConf.to_container(value, resolve=True)
         validate(cfg)
-        return data.check_files(cfg.data, cfg.eval.num_examples)
+        counts = data.check_files(cfg.data, cfg.eval.num_examples)
+        too_big = plan.refusal(cfg)  # after the cheap checks: it reads the model's shape
+        if too_big:
+            raise ConfigError(too_big)
+        return counts
     except OmegaConfBaseException as exc:  # e.g. train.lr='${nope.x}': an interpolation that cannot resolve
         raise _unresolved(exc) from None
 

@@ -151,6 +151,13 @@ SWEEP_CASES = {
     "added key swept": (["+lora.rank=8,16"], ["lora.rank: not a setting of lora", "nothing was run"]),
     "interpolation to nothing in a sweep": (["lora.r=2,4", "train.lr=${nope.x}"],
                                             ["train.lr: Interpolation key 'nope.x' not found", "nothing was run"]),
+    # 2 layers 8192 wide fit a 16 GB limit; 16 layers are a 14B-parameter model: refused by the plan
+    "a grid cell that cannot fit memory": (["model.shape.num_layers=2,16", "model.shape.hidden_size=8192",
+                                            "model.shape.intermediate_size=28672", "model.shape.num_heads=64",
+                                            "model.shape.num_kv_heads=8", "train.memory_limit_mb=16000"],
+                                           ["1 parameter set(s)", "model.shape.num_layers=16",
+                                            "train.plan_memory: the planned peak RSS of this trial is",
+                                            "quantize the base (quant=bnb_nf4)", "nothing was run"]),
     "zero jobs per batch": (["lora.r=2,4", "hydra.sweeper.n_jobs=0"], ["hydra.sweeper.n_jobs: must be >= 1"]),
     "failure rate out of range": (["lora.r=2", "hydra.sweeper.max_failure_rate=-1"],
                                   ["hydra.sweeper.max_failure_rate: must be in [0, 1]"]),

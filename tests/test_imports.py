@@ -10,7 +10,7 @@ from src.paths import PROJECT_ROOT
 
 PACKAGES = ("src", "analysis", "bench", "hydra_plugins")
 # Entry points (and the Hydra plugin shell): what may import the schema in src/config.py.
-SCHEMA_USERS = {"src.train", "src.prepare_data", "src.config"}
+SCHEMA_USERS = {"src.train", "src.prepare_data", "src.plan", "src.config"}
 
 
 def _modules() -> dict[str, Path]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from analysis.__main__ import main as analysis_main
 from bench.trial_config import compose
 from src import model, worker
 from src.config import ConfigError
@@ -61,7 +62,7 @@ def test_synthetic_refuses_what_it_cannot_measure(data_root, overrides, fragment
         compose(["model=synthetic", f"data.root={data_root}", "logger=none", *overrides])
 
 
-def test_a_synthetic_trial_measures_speed_and_memory_only(tmp_path, data_root, cache_dir):
+def test_a_synthetic_trial_measures_speed_and_memory_only(tmp_path, data_root, cache_dir, capsys):
     proc = run_cli([*SMALL, f"data.root={data_root}", f"paths.cache_dir={cache_dir}", "logger=none", SPEED_MEMORY,
                     f"hydra.run.dir={tmp_path / 'run'}", "train.max_steps=2", "train.batch_size=2",
                     "train.max_seq_len=128", "quant=bnb_nf4", "eval.num_examples=1"], cwd=tmp_path)
@@ -75,6 +76,14 @@ def test_a_synthetic_trial_measures_speed_and_memory_only(tmp_path, data_root, c
     assert set(record["objectives"]) == {"train/tokens_per_s", "cost/peak_rss_mb"}
     assert record["metrics"]["train/tokens_per_s"] > 0 and record["metrics"]["cost/adapter_mb"] > 0
     assert record["run"]["quant"]["quantized_layers"] == {"Linear4bit": 4 * 7}
+    # the report says so, and draws its front on speed and memory: no quality axis exists
+    assert analysis_main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report"), "--no-png"]) == 0
+    summary = (tmp_path / "report" / "report.md").read_text()
+    assert "**synthetic: speed and memory only** (synthetic_t" in summary and "eval/" not in summary
+    # the scaling table: measured beside planned
+    assert analysis_main(["scaling", str(tmp_path / "run" / "result.json"), "--gemm-gflops", "100"]) == 0
+    table = capsys.readouterr().out
+    assert "| synthetic_t | 0.01B | bnb nf4 | 1 |" in table and "Synthetic models" in table
 
 
 def _peak_rss(tmp_path: Path, data_root: Path, cache_dir: Path, quant: str) -> float:

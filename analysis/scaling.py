@@ -1,0 +1,119 @@
+"""The scaling table: training speed, peak memory, load time and adapter size against model size for each
+quantization backend, measured by a scaling study (``+experiment=scaling``), with the planner's
+(src/plan.py) predictions beside each measurement.
+
+Speed is the median tokens/s of the steps after the first (which pays for allocations); every other
+number is the trial's own record. One row per (model, backend); repeated trials are reduced to their
+median and counted, and trials measured on a busy machine are left out where a quiet one exists.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from src import metrics as M
+from src import results
+
+SYNTHETIC_BANNER = ("Synthetic models (random weights in public models' shapes): speed and memory only; "
+                    "no quality was measured.")
+
+
+def steady_tokens_per_s(trial_dir: Path) -> float | None:
+    """Median training tokens/s over the steps after the first; None without such a step."""
+    rows = results.read_train_log(trial_dir)
+    values = [float(r[M.TRAIN_TOKENS_PER_S]) for r in rows if int(r["step"]) > 1]
+    return statistics.median(values) if values else None
+
+
+def _backend(record: dict[str, Any]) -> str:
+    q = record["run"].get("quant") or {}
+    return "fp32" if q.get("backend", "none") == "none" else f"{q['backend']} {q['quant_type']}"
+
+
+def _busy(record: dict[str, Any]) -> bool:
+    return bool((record.get("cost_info") or {}).get("interference", {}).get("busy"))
+
+
+def rows(records: list[tuple[dict[str, Any], Path]], gemm_gflops: float | None) -> list[dict[str, Any]]:
+    """One row per (model, backend): measured medians, the plan, and their ratios."""
+    from omegaconf import OmegaConf
+
+    from src import plan
+
+    groups: dict[tuple[str, str], list[tuple[dict[str, Any], Path]]] = defaultdict(list)
+    for record, folder in records:
+        groups[(record["run"]["model"]["name"], _backend(record))].append((record, folder))
+    out = []
+    for (name, backend), every in groups.items():
+        # a trial measured while other processes took the CPU (cost_info.interference.busy) counts only
+        # when its configuration has no quiet one: run the busy ones again to replace them
+        quiet = [m for m in every if not _busy(m[0])]
+        members = quiet or every
+        cfg = OmegaConf.create(members[0][0]["config"])
+        planned = plan.plan(cfg, plan.arch_of(cfg.model, Path(cfg.paths.cache_dir)), gemm_gflops)
+        speeds = [s for s in (steady_tokens_per_s(f) for _, f in members) if s is not None]
+
+        def median(key: str, where: str = "metrics", members: list[Any] = members) -> float:
+            return statistics.median(float(r[where][key]) for r, _ in members)
+
+        out.append({
+            # as the architecture has them (a packed 4-bit layer's own count is not)
+            "model": name, "params_b": planned.params_b, "backend": backend,
+            "n": len(members), "tokens_per_s": statistics.median(speeds) if speeds else None,
+            "planned_tokens_per_s": planned.tokens_per_s, "peak_rss_mb": median(M.COST_PEAK_RSS_MB),
+            "planned_peak_rss_mb": planned.peak_rss_mb, "load_s": median("load_s", "timings"),
+            "adapter_mb": median(M.COST_ADAPTER_MB), "synthetic": "synthetic" in members[0][0]["run"]["model"],
+            "busy": not quiet,
+        })
+    order = {"fp32": 0}
+    out.sort(key=lambda r: (r["params_b"], order.get(r["backend"], 1), r["backend"]))
+    fp32 = {r["model"]: r["peak_rss_mb"] for r in out if r["backend"] == "fp32"}
+    for r in out:
+        r["rss_vs_fp32"] = r["peak_rss_mb"] / fp32[r["model"]] if r["model"] in fp32 else None
+    return out
+
+
+def _ratio(measured: float | None, planned: float | None) -> str:
+    if measured is None or planned is None:
+        return "-"
+    return f"{planned:.3g} ({planned / measured:.2f}x)"
+
+
+def table(rs: list[dict[str, Any]], gemm_gflops: float | None, machine: str) -> str:
+    """Markdown: the measured numbers with the plan beside (planned / measured in brackets)."""
+    head = [f"Measured on {machine}" + (f", fp32 GEMM peak {gemm_gflops:.0f} GFLOP/s" if gemm_gflops else "") + "."]
+    if any(r["synthetic"] for r in rs):
+        head.append(SYNTHETIC_BANNER)
+    if any(r["busy"] for r in rs):
+        head.append("Rows marked busy were measured while other processes used the CPU (their speed is low).")
+    lines = ["| model | parameters | backend | trials | training tokens/s | planned | peak RSS MB | vs fp32 | "
+             "planned | load s | adapter MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rs:
+        speed = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.3g}"
+        vs = "-" if r["rss_vs_fp32"] is None else f"{r['rss_vs_fp32']:.2f}x"
+        trials = f"{r['n']} (busy)" if r["busy"] else str(r["n"])
+        lines.append(f"| {r['model']} | {r['params_b']:.2f}B | {r['backend']} | {trials} | {speed} | "
+                     f"{_ratio(r['tokens_per_s'], r['planned_tokens_per_s'])} | {r['peak_rss_mb']:.0f} | {vs} | "
+                     f"{_ratio(r['peak_rss_mb'], r['planned_peak_rss_mb'])} | {r['load_s']:.1f} | "
+                     f"{r['adapter_mb']:.1f} |")
+    return "\n\n".join([" ".join(head), "\n".join(lines)])
+
+
+def read(paths: list[Path]) -> tuple[list[tuple[dict[str, Any], Path]], list[tuple[str, str]]]:
+    """Completed records and the folders holding them (their train_log.jsonl is read too)."""
+    from analysis.trials import read_record
+
+    out, unreadable = [], []
+    for path in paths:
+        if not path.exists():
+            raise ValueError(f"{path} does not exist; give the scaling study's sweep folder")
+        for f in results.record_files(path):
+            record, why = read_record(f)
+            if record is None:
+                unreadable.append((str(f), why or "unreadable"))
+            elif record.get("status") == "completed":
+                out.append((record, f.parent))
+    return out, unreadable

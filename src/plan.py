@@ -1,0 +1,265 @@
+"""A trial's plan before it runs: peak memory and training speed predicted from the model's shape, the
+quantization backend, the PEFT method's size and the batch shape, and whether the trial fits this machine.
+
+``python -m src.plan <overrides>`` prints it for the trial ``python -m src.train <overrides>`` would run
+(``-m`` and comma lists: every configuration of the grid). The sweepers' preflight uses the memory half
+to refuse, before any work, the configurations that cannot fit (train.plan_memory).
+
+The model is arithmetic, not a fit: bytes per weight of each backend, the tensors autograd keeps per
+token and layer, the logits, and the process's own floor; the speed is the model FLOPs per token over
+this machine's measured fp32 GEMM peak at the efficiency our loop reaches. Compared with the measured
+scaling study in the README (``python -m analysis scaling``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+MB = 2**20
+
+# The worker's resident floor before the model: Python, torch, transformers, peft, the metrics, the
+# tokenizer and the data (measured: a 6.6M-parameter synthetic trial peaked at 611 MB on 2 cores).
+PROCESS_FLOOR_MB = 600
+# Bytes per weight of the adapted base's linear layers, per backend and type (the embeddings, the
+# untied head and the norms stay fp32 in every backend here). 4-bit types store two weights a byte
+# plus one scale per block of 64: fp32 in bitsandbytes (8-bit with fp32 second-level scales when
+# double-quantized), fp16 in ipex-llm. int8 keeps one scale per output row (negligible).
+LINEAR_BYTES = {
+    None: 4.0,
+    "nf4": 0.5 + 4 / 64, "fp4": 0.5 + 4 / 64,
+    "int8": 1.0, "int8_weight_only": 1.0,
+    "sym_int4": 0.5 + 2 / 64,
+}
+DOUBLE_QUANT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+# fp32 values autograd keeps per trained token in one decoder layer, in units of the layer's widths:
+# the inputs of the adapted projections and their dropout copies, the normed states, q/k/v and the
+# attention output for its backward, and the MLP's gate, up, activation and product.
+ACT_PER_HIDDEN, ACT_PER_KV, ACT_PER_INTERMEDIATE = 9, 2, 4.5
+# Copies of the (tokens x vocabulary) logits alive at the loss: the logits, log-softmax, its gradient.
+LOGIT_COPIES = 3
+# Share of the fp32 GEMM peak our training loop reaches on a LoRA step (bench: 60-64% on SmolLM2-135M,
+# AMD EPYC 2 vCPU), and each backend's speed relative to fp32 on the same shapes (to be replaced by
+# the scaling study's measurements, see the README).
+LOOP_EFFICIENCY = 0.45
+BACKEND_SPEED = {None: 1.0, "nf4": 1.0, "fp4": 1.0, "int8": 1.0, "int8_weight_only": 1.0, "sym_int4": 1.0}
+FLOPS_PER_PARAM = 4  # forward 2N, backward through the frozen weights 2N (bench.measure's convention)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A Llama-like decoder's widths (what memory and speed depend on)."""
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    tied: bool
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden // self.heads * self.kv_heads
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each projection of one layer, by its module name."""
+        h, kv, i = self.hidden, self.kv_dim, self.intermediate
+        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.linear_shapes().values())
+
+    def other_params(self) -> int:
+        """Embeddings, the head when untied, the norms: kept in fp32 by every backend."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
+
+    def params(self) -> int:
+        return self.linear_params() + self.other_params()
+
+
+def arch_of(mcfg: Any, cache_dir: Path) -> Arch:
+    """The architecture without loading weights: the shape of model=tiny/synthetic (with the tokenizer's
+    vocabulary), the config.json of model=hf, the converted GGUF's config (read from the GGUF file
+    when it was never converted)."""
+    source = str(mcfg.source)
+    if source in ("tiny", "synthetic"):
+        from src.model import gguf_tokenizer_dir
+
+        s = mcfg.shape
+        vocab = _vocabulary(gguf_tokenizer_dir(mcfg, cache_dir))
+        tied = bool(s.get("tie_embeddings", True))
+        return Arch(s.hidden_size, s.num_layers, s.num_heads, s.num_kv_heads, s.intermediate_size, vocab, tied)
+    from transformers import AutoConfig
+
+    if source == "hf":
+        config = AutoConfig.from_pretrained(mcfg.path, local_files_only=not mcfg.allow_download)
+    else:
+        from src import model
+
+        folder = cache_dir / "models" / model._cache_key(model._gguf_path(mcfg))
+        config = (AutoConfig.from_pretrained(folder) if (folder / ".complete").exists() else
+                  AutoConfig.from_pretrained(str(model._gguf_path(mcfg).parent), gguf_file=mcfg.gguf_file))
+    heads = int(config.num_attention_heads)
+    return Arch(int(config.hidden_size), int(config.num_hidden_layers), heads,
+                int(getattr(config, "num_key_value_heads", None) or heads), int(config.intermediate_size),
+                int(config.vocab_size), bool(getattr(config, "tie_word_embeddings", False)))
+
+
+@functools.lru_cache(maxsize=8)
+def _vocabulary(tokenizer_dir: Path) -> int:
+    """Read once per process: a grid's preflight plans every configuration with the same tokenizer."""
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(tokenizer_dir))
+
+
+def trainable_params(a: Arch, cfg: Any) -> int:
+    """The LoRA family's adapter size (r x (in + out) per adapted projection); other PEFT methods are
+    smaller than the activations by orders of magnitude and are counted as none."""
+    if str(cfg.peft.method) not in ("lora", "dora", "rslora"):
+        return 0
+    shapes = a.linear_shapes()
+    per_layer = sum(int(cfg.lora.r) * (shapes[m][0] + shapes[m][1]) for m in cfg.lora.target_modules if m in shapes)
+    return a.layers * per_layer
+
+
+def linear_bytes(q: Any) -> float:
+    from src import quant
+
+    kind = quant.resolved_type(q)
+    if kind in ("nf4", "fp4") and bool(q.double_quant):
+        return DOUBLE_QUANT_BYTES
+    return LINEAR_BYTES[kind]
+
+
+@dataclass
+class Plan:
+    model: str
+    params_b: float
+    backend: str
+    tokens_per_step: int
+    weights_mb: float
+    adapter_mb: float
+    activations_mb: float
+    logits_mb: float
+    floor_mb: float
+    peak_rss_mb: float
+    gflop_per_token: float
+    tokens_per_s: float | None
+    memory_mb: float
+    fits: bool
+
+    def line(self) -> str:
+        speed = "" if self.tokens_per_s is None else f", ~{self.tokens_per_s:.0f} training tokens/s"
+        verdict = "fits" if self.fits else "does NOT fit"
+        return (f"{self.model} ({self.params_b:.2f}B parameters), {self.backend}, {self.tokens_per_step} tokens a "
+                f"micro-batch: peak RSS ~{self.peak_rss_mb / 1024:.1f} GB (weights {self.weights_mb / 1024:.1f}, "
+                f"activations {self.activations_mb / 1024:.1f}, logits {self.logits_mb / 1024:.1f}, process "
+                f"{self.floor_mb / 1024:.1f}){speed}; {verdict} in {self.memory_mb / 1024:.1f} GB")
+
+
+def memory_budget_mb(cfg: Any) -> float:
+    """What a trial may use: train.memory_limit_mb when set (less the ~1.5 GB of address space that is not
+    resident, see its comment), else the machine's physical memory."""
+    limit = cfg.train.get("memory_limit_mb")
+    if limit:
+        return float(limit) - 1536
+    from src import hw
+
+    return hw.memory_mb()
+
+
+def plan(cfg: Any, arch: Arch, gemm_gflops: float | None = None) -> Plan:
+    """Predicted peak RSS and training tokens/s of the trial ``cfg`` on a model of architecture ``arch``;
+    ``gemm_gflops``: this machine's fp32 GEMM peak (bench.gemm), or None for no speed prediction."""
+    from src import quant
+
+    t = cfg.train
+    tokens = int(t.batch_size) * int(t.max_seq_len)  # the longest micro-batch there can be
+    weights = arch.linear_params() * linear_bytes(cfg.quant) + arch.other_params() * 4
+    adapter = trainable_params(arch, cfg) * 16  # fp32 weights, gradients and Adam's two moments
+    per_layer = ACT_PER_HIDDEN * arch.hidden + ACT_PER_KV * arch.kv_dim + ACT_PER_INTERMEDIATE * arch.intermediate
+    if t.gradient_checkpointing:  # each layer's input, and one layer's tensors while it is recomputed
+        activations = tokens * 4 * (per_layer + arch.layers * arch.hidden)
+    else:
+        activations = tokens * 4 * per_layer * arch.layers
+    logits = tokens * arch.vocab * 4 * LOGIT_COPIES
+    peak = PROCESS_FLOOR_MB + (weights + adapter + activations + logits) / MB
+    flops = FLOPS_PER_PARAM * (arch.linear_params() + arch.vocab * arch.hidden)  # the head's product too
+    speed = None
+    if gemm_gflops is not None:
+        kind = quant.resolved_type(cfg.quant)
+        speed = gemm_gflops * 1e9 * LOOP_EFFICIENCY * BACKEND_SPEED[kind] / flops
+    budget = memory_budget_mb(cfg)
+    backend = "fp32" if not quant.active(cfg.quant) else f"{cfg.quant.method} {quant.resolved_type(cfg.quant)}"
+    return Plan(model=str(cfg.model.name), params_b=arch.params() / 1e9, backend=backend, tokens_per_step=tokens,
+                weights_mb=weights / MB, adapter_mb=adapter / MB, activations_mb=activations / MB,
+                logits_mb=logits / MB, floor_mb=PROCESS_FLOOR_MB, peak_rss_mb=peak, gflop_per_token=flops / 1e9,
+                tokens_per_s=speed, memory_mb=budget, fits=peak <= budget)
+
+
+def refusal(cfg: Any) -> str | None:
+    """Why the trial cannot fit this machine's memory, named with the keys to change; None when it fits
+    (or train.plan_memory is off)."""
+    if not cfg.train.get("plan_memory", True):
+        return None
+    p = plan(cfg, arch_of(cfg.model, Path(cfg.paths.cache_dir)))
+    if p.fits:
+        return None
+    return (f"train.plan_memory: the planned peak RSS of this trial is {p.peak_rss_mb / 1024:.1f} GB "
+            f"(weights {p.weights_mb / 1024:.1f} GB as {p.backend}, activations {p.activations_mb / 1024:.1f} GB), "
+            f"more than the {p.memory_mb / 1024:.1f} GB it may use; quantize the base (quant=bnb_nf4), lower "
+            "train.batch_size or train.max_seq_len, set train.gradient_checkpointing=true, or set "
+            "train.plan_memory=false to run it anyway")
+
+
+def expand(overrides: list[str]) -> list[list[str]]:
+    """The configurations of a command line: one per combination of its comma lists (as Hydra's basic
+    sweeper expands them); ranges and intervals of a search are not expanded."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    choices = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if o.is_sweep_override() and not (o.is_range_sweep() or o.is_interval_sweep()):
+            key = o.get_key_element()
+            choices.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            choices.append([str(o.input_line)])
+    return [list(c) for c in itertools.product(*choices)]
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    from src import hw
+    from src.config import compose
+
+    p = argparse.ArgumentParser(prog="python -m src.plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", action="store_true", help="the plans as JSON, one object per configuration")
+    p.add_argument("--no-speed", action="store_true", help="memory only (skips the 2-second GEMM measurement)")
+    p.add_argument("overrides", nargs="*", help="as for python -m src.train (comma lists: every combination)")
+    args = p.parse_args([a for a in argv if a not in ("-m", "--multirun")])
+    gemm = None if args.no_speed else float(hw.gemm_peak(hw.usable_cores())["gflops_peak"])
+    rows = []
+    for overrides in expand(args.overrides):
+        cfg = compose(overrides)
+        rows.append(plan(cfg, arch_of(cfg.model, Path(cfg.paths.cache_dir)), gemm))
+    if args.json:
+        print(json.dumps([{**asdict(r), "gemm_gflops": gemm} for r in rows], indent=1))
+    else:
+        if gemm is not None:
+            print(f"fp32 GEMM peak of this machine: {gemm:.0f} GFLOP/s; speeds assume {LOOP_EFFICIENCY:.0%} of it")
+        for r in rows:
+            print(r.line())
+    return 0 if all(r.fits for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,69 @@
+"""The planner (src/plan.py): its counts are the real model's, its predictions hold against the measured
+scaling study, and the 8B-shaped model is planned without being run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from src import model, plan
+from src.config import PROJECT_ROOT, compose
+
+SIZES = ("360m", "1b", "1700m", "3b", "8b")
+# The scaling study measured on this project's machine (python -m src.train -m +experiment=scaling, then
+# python -m analysis scaling): per size and backend, the peak RSS and the steady training tokens/s.
+MEASURED = PROJECT_ROOT / "tests" / "golden" / "scaling.json"
+
+
+def _scaling(size: str, quant: str = "none", *more: str) -> object:
+    return compose(["+experiment=scaling", f"model.size={size}", f"quant={quant}", "logger=none", *more])
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_the_planned_counts_are_the_models_own(size, cache_dir):
+    cfg = _scaling(size)
+    arch = plan.arch_of(cfg.model, cache_dir)
+    tok = AutoTokenizer.from_pretrained(model.gguf_tokenizer_dir(cfg.model, cache_dir))
+    with torch.device("meta"):  # the architecture without its weights
+        real = LlamaForCausalLM(model.llama_config(cfg.model.shape, tok))
+    assert arch.params() == real.num_parameters()
+    linear = sum(m.weight.numel() for n, m in real.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    assert arch.linear_params() == linear
+    lora = compose(["+experiment=scaling", f"model.size={size}", "logger=none"])
+    per_module = {n.split(".")[-1] for n, m in real.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(lora.lora.target_modules) <= per_module  # every adapted projection is one the plan counts
+
+
+def test_the_plan_holds_against_the_measured_scaling_study(cache_dir):
+    measured = json.loads(MEASURED.read_text())
+    assert len(measured["rows"]) >= 12  # every backend on the sizes this machine trained
+    for row in measured["rows"]:
+        cfg = _scaling(row["size"], row["quant"])
+        p = plan.plan(cfg, plan.arch_of(cfg.model, cache_dir), measured["gemm_gflops"])
+        assert abs(p.peak_rss_mb / row["peak_rss_mb"] - 1) <= 0.25, (row, p.peak_rss_mb)
+        assert abs(p.tokens_per_s / row["tokens_per_s"] - 1) <= 0.35, (row, p.tokens_per_s)
+
+
+def test_an_8b_model_is_planned_not_run(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "src.plan", "--no-speed", "--json", "+experiment=scaling",
+                          "model.size=8b", "quant=none,bnb_nf4,bnb_int8,torchao_int8,ipex_sym_int4",
+                          "train.memory_limit_mb=25000"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr[-2000:]  # one of them does not fit
+    plans = {p["backend"]: p for p in json.loads(out.stdout)}
+    assert set(plans) == {"fp32", "bnb nf4", "bnb int8", "torchao int8_weight_only", "ipex sym_int4"}
+    assert 7.0 < plans["fp32"]["params_b"] < 7.6  # Llama-3-8B's shape with SmolLM2's vocabulary
+    assert not plans["fp32"]["fits"] and plans["bnb nf4"]["fits"]
+    assert plans["bnb nf4"]["weights_mb"] < plans["fp32"]["weights_mb"] / 5
+    assert not (tmp_path / "runs").exists()
+
+
+def test_plan_memory_false_lets_a_trial_past_the_plan():
+    cfg = _scaling("8b", "none", "train.memory_limit_mb=25000")
+    assert "train.plan_memory" in (plan.refusal(cfg) or "")
+    assert plan.refusal(_scaling("8b", "none", "train.memory_limit_mb=25000", "train.plan_memory=false")) is None
