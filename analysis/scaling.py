@@ -46,7 +46,7 @@ def rows(records: list[tuple[dict[str, Any], Path]], gemm_gflops: float | None) 
     groups: dict[tuple[str, str], list[tuple[dict[str, Any], Path]]] = defaultdict(list)
     for record, folder in records:
         groups[(record["run"]["model"]["name"], _backend(record))].append((record, folder))
-    out = []
+    out: list[dict[str, Any]] = []
     for (name, backend), every in groups.items():
         # a trial measured while other processes took the CPU (cost_info.interference.busy) counts only
         # when its configuration has no quiet one: run the busy ones again to replace them
