@@ -13,6 +13,7 @@ written, or an unexpected failure, with one line too (exit 1). ``--debug`` shows
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -219,7 +220,11 @@ def _scaling(args: argparse.Namespace) -> int:
         gemm = float(hw.gemm_peak(hw.usable_cores())["gflops_peak"])
     facts = hw.probe()
     machine = f"{facts['model']}, {facts['usable_cores']} cores, {hw.memory_mb() / 1024:.0f} GiB"
-    text = scaling.table(scaling.rows(records, gemm), gemm, machine)
+    table_rows = scaling.rows(records, gemm)
+    text = scaling.table(table_rows, gemm, machine)
+    if args.json:
+        payload = {"machine": machine, "gemm_gflops": gemm, "rows": table_rows}
+        _writing(args.json, lambda: args.json.write_text(json.dumps(payload, indent=1) + "\n"))
     if args.readme:
         document = args.readme.read_text()
         new = ratios.replace_block(document, text, args.block)
@@ -300,6 +305,7 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--gemm-gflops", type=float,
                     help="the fp32 GEMM peak the planned speeds use (default: measured now, on this machine)")
     sc.add_argument("--no-speed", action="store_true", help="no planned speeds (skips the GEMM measurement)")
+    sc.add_argument("--json", type=Path, help="also write the rows (measured and planned) to this JSON file")
     sc.add_argument("--readme", type=Path, help="also write the table between the ratio markers of this file")
     sc.add_argument("--block", help="write between <!-- ratios:BLOCK:begin/end --> (several tables in one file)")
     return parser
