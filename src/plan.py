@@ -13,7 +13,6 @@ scaling study in the README (``python -m analysis scaling``).
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
@@ -91,50 +90,67 @@ class Arch:
 
 
 def arch_of(mcfg: Any, cache_dir: Path) -> Arch:
-    """The architecture without loading weights: the shape of model=tiny/synthetic (with the tokenizer's
-    vocabulary), the config.json of model=hf, the converted GGUF's config (read from the GGUF file
-    when it was never converted)."""
-    source = str(mcfg.source)
-    if source in ("tiny", "synthetic"):
-        from src.model import gguf_tokenizer_dir
-
-        s = mcfg.shape
-        vocab = _vocabulary(gguf_tokenizer_dir(mcfg, cache_dir))
-        tied = bool(s.get("tie_embeddings", True))
-        return Arch(s.hidden_size, s.num_layers, s.num_heads, s.num_kv_heads, s.intermediate_size, vocab, tied)
+    """The architecture without loading weights or torch (the sweep's parent stays light): the shape of
+    model=tiny/synthetic with the vocabulary of its tokenizer's GGUF file, the config.json of model=hf,
+    the GGUF file's own metadata for model=gguf. Raises NotPlanned for a model the plan cannot read."""
     try:
-        return _arch_from_config(mcfg, cache_dir, source)
-    except (AttributeError, TypeError, ValueError, OSError) as exc:  # not Llama-like, or unreadable
-        raise NotPlanned(f"{mcfg.name}: its architecture cannot be planned ({exc})") from exc
+        source = str(mcfg.source)
+        if source in ("tiny", "synthetic"):
+            s = mcfg.shape
+            vocab = _gguf_facts(_gguf_file(mcfg), cache_dir)["vocab"]
+            return Arch(int(s.hidden_size), int(s.num_layers), int(s.num_heads), int(s.num_kv_heads),
+                        int(s.intermediate_size), int(vocab), bool(s.get("tie_embeddings", True)))
+        if source == "gguf":
+            return Arch(**_gguf_facts(_gguf_file(mcfg), cache_dir))
+        return _arch_from_config_json(Path(mcfg.path) / "config.json")
+    except Exception as exc:  # noqa: BLE001 - whatever the reason, the trial runs unplanned (refusal says so)
+        raise NotPlanned(f"{mcfg.name}: its architecture cannot be planned ({type(exc).__name__}: {exc})") from exc
 
 
 class NotPlanned(Exception):
-    """The model's config lacks what the plan reads (a decoder that is not Llama-like)."""
+    """The model's architecture cannot be read (not Llama-like, not local, unreadable)."""
 
 
-def _arch_from_config(mcfg: Any, cache_dir: Path, source: str) -> Arch:
-    from transformers import AutoConfig
+def _gguf_file(mcfg: Any) -> Path:
+    from src.paths import package_dir
 
-    if source == "hf":
-        config = AutoConfig.from_pretrained(mcfg.path, local_files_only=not mcfg.allow_download)
-    else:
-        from src import model
-
-        folder = cache_dir / "models" / model._cache_key(model._gguf_path(mcfg))
-        config = (AutoConfig.from_pretrained(folder) if (folder / ".complete").exists() else
-                  AutoConfig.from_pretrained(str(model._gguf_path(mcfg).parent), gguf_file=mcfg.gguf_file))
-    heads = int(config.num_attention_heads)
-    return Arch(int(config.hidden_size), int(config.num_hidden_layers), heads,
-                int(getattr(config, "num_key_value_heads", None) or heads), int(config.intermediate_size),
-                int(config.vocab_size), bool(getattr(config, "tie_word_embeddings", False)))
+    pkg = package_dir(mcfg.gguf_package)
+    if pkg is None:
+        raise FileNotFoundError(f"package {mcfg.gguf_package} is not installed")
+    return pkg / mcfg.gguf_file
 
 
-@functools.lru_cache(maxsize=8)
-def _vocabulary(tokenizer_dir: Path) -> int:
-    """Read once per process: a grid's preflight plans every configuration with the same tokenizer."""
-    from transformers import AutoTokenizer
+def _gguf_facts(gguf: Path, cache_dir: Path) -> dict[str, Any]:
+    """A GGUF file's Llama widths and vocabulary, read from its metadata once (about 5 s: the reader
+    indexes every tensor) and kept in the cache beside the converted models."""
+    from src.results import atomic_write_json
 
-    return len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    cached = cache_dir / "plans" / f"{gguf.stem}-{gguf.stat().st_size}.json"
+    if cached.is_file():
+        return dict(json.loads(cached.read_text()))
+    from gguf import GGUFReader  # numpy only: no torch
+
+    reader = GGUFReader(str(gguf))
+    arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+
+    def field(key: str) -> int:
+        f = reader.fields[f"{arch}.{key}"]
+        return int(f.parts[f.data[0]][0])
+
+    facts = {"hidden": field("embedding_length"), "layers": field("block_count"),
+             "heads": field("attention.head_count"), "kv_heads": field("attention.head_count_kv"),
+             "intermediate": field("feed_forward_length"), "vocab": len(reader.fields["tokenizer.ggml.tokens"].data),
+             "tied": not any(t.name == "output.weight" for t in reader.tensors)}
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(cached, facts)
+    return facts
+
+
+def _arch_from_config_json(path: Path) -> Arch:
+    c = json.loads(path.read_text())
+    heads = int(c["num_attention_heads"])
+    return Arch(int(c["hidden_size"]), int(c["num_hidden_layers"]), heads, int(c.get("num_key_value_heads") or heads),
+                int(c["intermediate_size"]), int(c["vocab_size"]), bool(c.get("tie_word_embeddings", False)))
 
 
 def trainable_params(a: Arch, cfg: Any) -> int:
@@ -185,12 +201,11 @@ class Plan:
 def memory_budget_mb(cfg: Any) -> float:
     """What a trial may use: train.memory_limit_mb when set (less the ~1.5 GB of address space that is not
     resident, see its comment), else the machine's physical memory."""
-    limit = cfg.train.get("memory_limit_mb")
-    if limit:
-        return float(limit) - 1536
     from src import hw
 
-    return hw.memory_mb()
+    limit = cfg.train.get("memory_limit_mb")
+    machine = hw.memory_mb()
+    return min(float(limit) - 1536, machine) if limit else machine
 
 
 def plan(cfg: Any, arch: Arch, gemm_gflops: float | None = None) -> Plan:
@@ -236,10 +251,13 @@ def refusal(cfg: Any) -> str | None:
         return None
     if p.fits:
         return None
+    fixes = [] if p.backend.startswith("bnb nf4") else ["quantize the base as it loads (quant=bnb_nf4)"]
+    fixes += ["lower train.batch_size or train.max_seq_len"]
+    if not cfg.train.gradient_checkpointing:
+        fixes.append("set train.gradient_checkpointing=true")
     return (f"train.plan_memory: the planned peak RSS of this trial is {p.peak_rss_mb / 1024:.1f} GB "
             f"(weights {p.weights_mb / 1024:.1f} GB as {p.backend}, activations {p.activations_mb / 1024:.1f} GB), "
-            f"more than the {p.memory_mb / 1024:.1f} GB it may use; quantize the base (quant=bnb_nf4), lower "
-            "train.batch_size or train.max_seq_len, set train.gradient_checkpointing=true, or set "
+            f"more than the {p.memory_mb / 1024:.1f} GB it may use; {', '.join(fixes)}, or set "
             "train.plan_memory=false to run it anyway")
 
 

@@ -4,8 +4,10 @@
 naming a library: bitsandbytes takes 4 (nf4 or fp4, optionally double-quantized) and 8 (LLM.int8);
 torchao takes 8 (int8 weight-only; peft trains LoRA on it through its TorchaoLoraLinear); ipex-llm
 takes 4 (sym_int4, with its own QLoRA layers), in its own environment (see ``worker_python``); 16 and
-32 mean no quantization. A quantized trial loads its base quantized, layer by layer as the checkpoint
-is read (never the whole fp32 model), and scores its untuned baseline on that quantized base.
+32 mean no quantization. A quantized trial loads its base straight into the backend (never as an fp32
+model first) and scores its untuned baseline on that quantized base. bitsandbytes quantizes each weight
+as the checkpoint is read; torchao and ipex-llm hold the whole fp32 model while they convert it
+(measured: src/plan.py's CONVERTS_AFTER_LOADING).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from src import adapters, cpu, data, plan, privacy, quant, redact, relay, results, runtime, tracking
 from src import overrides as overrides_
-from src.config import ConfigError, register_configs, to_plain, validate
+from src.config import ConfigError, register_configs, size_problem, to_plain, validate
 from src.paths import PROJECT_ROOT
 from src.results import TrialResult
 from src.sweeper import pruning
@@ -50,6 +50,9 @@ def git_state(root: Path = PROJECT_ROOT) -> dict[str, Any]:
 def preflight(cfg: DictConfig) -> dict[str, int]:
     """Every check that is cheap, before a worker starts: schema rules, then the data files."""
     try:
+        problem = size_problem(cfg.model)
+        if problem:
+            raise ConfigError(problem)
         for key in cfg.keys():  # every interpolation, also of keys no rule reads (Hydra's own node aside)
             if key != "hydra":
                 value = cfg[key]

@@ -123,7 +123,8 @@ def _seed(seed: int) -> None:
 
 
 def _quantized_base(cfg: DictConfig, cache_dir: Path, tdir: Path) -> Any:
-    """The base model quantized as it loads: its fp32 weights are never all in memory at once."""
+    """The base model loaded straight into the quantization backend (with bitsandbytes, weight by
+    weight; torchao and ipex-llm convert the whole model after loading it)."""
     import shutil
 
     from src import model, quant
@@ -219,8 +220,10 @@ def _load(t: Trial) -> tuple[Any, Inputs]:
 
     cfg = t.cfg
     cache_dir = Path(cfg.paths.cache_dir)
+    with t.timed("prepare"):  # converts or writes the model into the cache the first time only
+        model.prepare(cfg.model, cache_dir)
     with t.timed("load"):
-        if quant.active(cfg.quant):  # loaded quantized: a quantized trial never holds the fp32 model
+        if quant.active(cfg.quant):  # loaded into the backend: never an fp32 model first, then its twin
             tok = model.load_tokenizer(cfg.model, cache_dir)
             net = _quantized_base(cfg, cache_dir, t.trial_dir)
             t.run["model"] = model.facts(cfg.model, tok, net)

@@ -116,6 +116,8 @@ CONFIG_CASES = {
     "neither steps nor epochs": (["train.max_steps=null"], ["set exactly one of them"]),
     "unknown objective": (["objectives=[{name: eval/accuracy, direction: maximize}]"],
                           ["unknown metric 'eval/accuracy'"]),
+    "unknown synthetic size": (["model=synthetic", "model.size=5b"],
+                               ["model.size: '5b' is not one of model.sizes", "choose one"]),
     "tiny memory limit": (["train.memory_limit_mb=100"], ["train.memory_limit_mb: must be >= 1536"]),
     # Hydra's own message for lora.rank=8 suggests +lora.rank=8, which would otherwise be silently ignored.
     "added key unknown to the schema": (["+lora.rank=8"], ["lora.rank: not a setting of lora",

@@ -74,7 +74,10 @@ def _fault_configs(tmp_path: Path) -> Path:
     (root / "fault" / "none.yaml").write_text("# @package _global_\n{}\n")
     (root / "fault" / "raises.yaml").write_text("# @package _global_\nlora:\n  target_modules: [no_such_layer]\n")
     shape = "\n".join(f"    {o.split('=')[0].split('.')[-1]}: {o.split('=')[1]}" for o in BIG)
-    (root / "fault" / "oom.yaml").write_text(f"# @package _global_\nmodel:\n  shape:\n{shape}\n")
+    # plan_memory off: the planner would refuse it before any work (tests/test_plan.py); here the worker's
+    # own out-of-memory path is what is tested
+    (root / "fault" / "oom.yaml").write_text(f"# @package _global_\nmodel:\n  shape:\n{shape}\n"
+                                             "train:\n  plan_memory: false\n")
     return root
 
 

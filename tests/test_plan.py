@@ -58,16 +58,16 @@ def test_the_planned_memory_holds_against_the_measured_scaling_study(cache_dir):
         assert abs(p.peak_rss_mb / row["peak_rss_mb"] - 1) <= 0.25, (row, p.peak_rss_mb)
 
 
-@pytest.mark.xfail(strict=True, reason="the planned speed (FLOPs at a fixed share of the GEMM peak) is too high at "
-                                       "1B and above, where dequantization and memory traffic grow with the "
-                                       "weights; a measured one-layer probe is the planned fix")
+@pytest.mark.xfail(raises=AssertionError, strict=True,
+                   reason="the planned speed (FLOPs at a fixed share of the GEMM peak) is too high at 1B and "
+                          "above, where dequantization and memory traffic grow with the weights")
 def test_the_planned_speed_holds_against_the_measured_scaling_study(cache_dir):
     for row, p in _measured_and_planned(cache_dir):
         if not row["busy"]:
             assert abs(p.tokens_per_s / row["tokens_per_s"] - 1) <= 0.35, (row, p.tokens_per_s)
 
 
-def test_an_8b_model_is_planned_not_run(tmp_path):
+def test_an_8b_model_is_planned_not_run():
     out = subprocess.run([sys.executable, "-m", "src.plan", "--no-speed", "--json", "+experiment=scaling",
                           "model.size=8b", "quant=none,bnb_nf4,bnb_int8,torchao_int8,ipex_sym_int4",
                           "train.memory_limit_mb=25000"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
@@ -77,7 +77,6 @@ def test_an_8b_model_is_planned_not_run(tmp_path):
     assert 7.0 < plans["fp32"]["params_b"] < 7.6  # Llama-3-8B's shape with SmolLM2's vocabulary
     assert not plans["fp32"]["fits"] and plans["bnb nf4"]["fits"]
     assert plans["bnb nf4"]["weights_mb"] < plans["fp32"]["weights_mb"] / 5
-    assert not (tmp_path / "runs").exists()
 
 
 def test_plan_memory_false_lets_a_trial_past_the_plan():
