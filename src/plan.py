@@ -37,12 +37,13 @@ LINEAR_BYTES = {
     "sym_int4": 0.5 + 2 / 64,
 }
 DOUBLE_QUANT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
-# Backends that hold the whole fp32 model while they quantize it, so that the fp32 weights count in the
-# peak beside the quantized ones (measured in the scaling study: at 1B and 1.7B their peaks are at or
-# above fp32's). ipex-llm's from_pretrained loads the model whole and converts it afterwards
-# (ggml_convert_low_bit); torchao's path through transformers behaves the same here. bitsandbytes
-# quantizes each weight as the checkpoint is read.
-CONVERTS_AFTER_LOADING = ("torchao", "ipex")
+# Backends that do not follow the quantized size, as measured by the scaling study (README, "Model size").
+# ipex-llm's from_pretrained loads the whole model in fp32 and converts it afterwards
+# (ggml_convert_low_bit): its peak is that fp32 model at load, unless training needs more. torchao's
+# trials peaked at 1.10x the fp32 trial's at every size: the fp32 weights stay resident beside the int8
+# ones through training. bitsandbytes quantizes each weight as the checkpoint is read.
+FP32_WHILE_LOADING = ("ipex",)
+FP32_THROUGH_TRAINING = ("torchao",)
 # fp32 values autograd keeps per trained token in one decoder layer, in units of the layer's widths:
 # the inputs of the adapted projections and their dropout copies, the normed states, q/k/v and the
 # attention output for its backward, and the MLP's gate, up, activation and product.
@@ -216,8 +217,11 @@ def plan(cfg: Any, arch: Arch, gemm_gflops: float | None = None) -> Plan:
     t = cfg.train
     tokens = int(t.batch_size) * int(t.max_seq_len)  # the longest micro-batch there can be
     weights = arch.linear_params() * linear_bytes(cfg.quant) + arch.other_params() * 4
-    if quant.active(cfg.quant) and str(cfg.quant.method) in CONVERTS_AFTER_LOADING:
+    method = str(cfg.quant.method) if quant.active(cfg.quant) else "none"
+    if method in FP32_THROUGH_TRAINING:
         weights += arch.linear_params() * 4  # the fp32 layers it converted from
+    loading = PROCESS_FLOOR_MB + (arch.params() * 4 + arch.linear_params() * linear_bytes(cfg.quant)) / MB \
+        if method in FP32_WHILE_LOADING else 0.0
     adapter = trainable_params(arch, cfg) * 16  # fp32 weights, gradients and Adam's two moments
     per_layer = ACT_PER_HIDDEN * arch.hidden + ACT_PER_KV * arch.kv_dim + ACT_PER_INTERMEDIATE * arch.intermediate
     if t.gradient_checkpointing:  # each layer's input, and one layer's tensors while it is recomputed
@@ -225,7 +229,7 @@ def plan(cfg: Any, arch: Arch, gemm_gflops: float | None = None) -> Plan:
     else:
         activations = tokens * 4 * per_layer * arch.layers
     logits = tokens * arch.vocab * 4 * LOGIT_COPIES
-    peak = PROCESS_FLOOR_MB + (weights + adapter + activations + logits) / MB
+    peak = max(PROCESS_FLOOR_MB + (weights + adapter + activations + logits) / MB, loading)
     flops = FLOPS_PER_PARAM * (arch.linear_params() + arch.vocab * arch.hidden)  # the head's product too
     speed = None
     if gemm_gflops is not None:

@@ -7,7 +7,7 @@ takes 4 (sym_int4, with its own QLoRA layers), in its own environment (see ``wor
 32 mean no quantization. A quantized trial loads its base straight into the backend (never as an fp32
 model first) and scores its untuned baseline on that quantized base. bitsandbytes quantizes each weight
 as the checkpoint is read; torchao and ipex-llm hold the whole fp32 model while they convert it
-(measured: src/plan.py's CONVERTS_AFTER_LOADING).
+(measured: src/plan.py's FP32_WHILE_LOADING, FP32_THROUGH_TRAINING).
 """
 
 from __future__ import annotations

@@ -58,13 +58,11 @@ def test_the_planned_memory_holds_against_the_measured_scaling_study(cache_dir):
         assert abs(p.peak_rss_mb / row["peak_rss_mb"] - 1) <= 0.25, (row, p.peak_rss_mb)
 
 
-@pytest.mark.xfail(raises=AssertionError, strict=True,
-                   reason="the planned speed (FLOPs at a fixed share of the GEMM peak) is too high at 1B and "
-                          "above, where dequantization and memory traffic grow with the weights")
 def test_the_planned_speed_holds_against_the_measured_scaling_study(cache_dir):
-    for row, p in _measured_and_planned(cache_dir):
-        if not row["busy"]:
-            assert abs(p.tokens_per_s / row["tokens_per_s"] - 1) <= 0.35, (row, p.tokens_per_s)
+    quiet = [(row, p) for row, p in _measured_and_planned(cache_dir) if not row["busy"]]
+    assert len(quiet) >= 10  # a speed measured while the machine was shared says nothing about the plan
+    for row, p in quiet:
+        assert abs(p.tokens_per_s / row["tokens_per_s"] - 1) <= 0.35, (row, p.tokens_per_s)
 
 
 def test_an_8b_model_is_planned_not_run():
