@@ -184,6 +184,7 @@ class Plan:
     activations_mb: float
     logits_mb: float
     floor_mb: float
+    loading_mb: float  # the peak while loading, where the backend holds the fp32 model then (0: not counted)
     peak_rss_mb: float
     gflop_per_token: float
     tokens_per_s: float | None
@@ -196,7 +197,9 @@ class Plan:
         return (f"{self.model} ({self.params_b:.2f}B parameters), {self.backend}, {self.tokens_per_step} tokens a "
                 f"micro-batch: peak RSS ~{self.peak_rss_mb / 1024:.1f} GB (weights {self.weights_mb / 1024:.1f}, "
                 f"activations {self.activations_mb / 1024:.1f}, logits {self.logits_mb / 1024:.1f}, process "
-                f"{self.floor_mb / 1024:.1f}){speed}; {verdict} in {self.memory_mb / 1024:.1f} GB")
+                f"{self.floor_mb / 1024:.1f}"
+                + (f"; {self.loading_mb / 1024:.1f} while loading the fp32 model" if self.loading_mb else "")
+                + f"){speed}; {verdict} in {self.memory_mb / 1024:.1f} GB")
 
 
 def memory_budget_mb(cfg: Any) -> float:
@@ -239,8 +242,8 @@ def plan(cfg: Any, arch: Arch, gemm_gflops: float | None = None) -> Plan:
     backend = "fp32" if not quant.active(cfg.quant) else f"{cfg.quant.method} {quant.resolved_type(cfg.quant)}"
     return Plan(model=str(cfg.model.name), params_b=arch.params() / 1e9, backend=backend, tokens_per_step=tokens,
                 weights_mb=weights / MB, adapter_mb=adapter / MB, activations_mb=activations / MB,
-                logits_mb=logits / MB, floor_mb=PROCESS_FLOOR_MB, peak_rss_mb=peak, gflop_per_token=flops / 1e9,
-                tokens_per_s=speed, memory_mb=budget, fits=peak <= budget)
+                logits_mb=logits / MB, floor_mb=PROCESS_FLOOR_MB, loading_mb=loading, peak_rss_mb=peak,
+                gflop_per_token=flops / 1e9, tokens_per_s=speed, memory_mb=budget, fits=peak <= budget)
 
 
 def refusal(cfg: Any) -> str | None:
