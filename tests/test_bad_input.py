@@ -159,7 +159,7 @@ SWEEP_CASES = {
                                             "model.shape.num_kv_heads=8", "train.memory_limit_mb=16000"],
                                            ["1 parameter set(s)", "model.shape.num_layers=16",
                                             "train.plan_memory: the planned peak RSS of this trial is",
-                                            "quantize the base (quant=bnb_nf4)", "nothing was run"]),
+                                            "(quant=bnb_nf4)", "nothing was run"]),
     "zero jobs per batch": (["lora.r=2,4", "hydra.sweeper.n_jobs=0"], ["hydra.sweeper.n_jobs: must be >= 1"]),
     "failure rate out of range": (["lora.r=2", "hydra.sweeper.max_failure_rate=-1"],
                                   ["hydra.sweeper.max_failure_rate: must be in [0, 1]"]),
