@@ -192,6 +192,13 @@ def _ratios(args: argparse.Namespace) -> int:
         also = f"; unreadable records: {describe_unreadable(unreadable)}" if unreadable else ""
         raise ValueError(f"no completed trial under {[str(p) for p in args.paths]}{also}")
     text = ratios.table(records, args.keys, dict(x.split("=", 1) for x in args.reference), args.metrics)
+    return _publish_table(text, args, unreadable)
+
+
+def _publish_table(text: str, args: argparse.Namespace, unreadable: list[tuple[str, str]]) -> int:
+    """Print a table, and write it between the --readme file's markers when asked."""
+    from analysis.trials import describe_unreadable
+
     if args.readme:
         try:
             document = args.readme.read_text()
@@ -225,14 +232,7 @@ def _scaling(args: argparse.Namespace) -> int:
     if args.json:
         payload = {"machine": machine, "gemm_gflops": gemm, "rows": table_rows}
         _writing(args.json, lambda: args.json.write_text(json.dumps(payload, indent=1) + "\n"))
-    if args.readme:
-        document = args.readme.read_text()
-        new = ratios.replace_block(document, text, args.block)
-        _writing(args.readme, lambda: args.readme.write_text(new))
-    print(text)
-    if unreadable:
-        print(f"warning: unreadable records, left out: {describe_unreadable(unreadable)}", file=sys.stderr)
-    return 0
+    return _publish_table(text, args, unreadable)
 
 
 def _confirm(args: argparse.Namespace) -> int:
