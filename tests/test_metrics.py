@@ -120,7 +120,8 @@ def test_baseline_is_computed_once_per_key(tmp_path):
                  "instruction": "i", "truncation": "truncate"},
         "train": {"max_seq_len": 128, "seed": 1},
         "eval": {"num_examples": 2, "max_new_tokens": 4, "metrics": ["rouge"], "bertscore_package": "p",
-                 "bertscore_num_layers": 6, "decoder": "fast"}})
+                 "bertscore_num_layers": 6, "decoder": "fast"},
+        "quant": {"method": "none", "bits": 32, "quant_type": None, "double_quant": False}})
     calls = []
     rows = [{"id": "a", "eval/rougeL": 0.5}, {"id": "b", "eval/rougeL": 0.0}]
 
@@ -139,7 +140,10 @@ def test_baseline_is_computed_once_per_key(tmp_path):
     baseline.get_or_compute(tmp_path, cfg, eval_file, compute)
     cfg.eval.decoder = "hf"  # another decoder may differ in the last float bits: another baseline
     baseline.get_or_compute(tmp_path, cfg, eval_file, compute)
-    assert len(calls) == 4
+    assert len(calls) == 4 and info1["precision"] == "fp32"
+    cfg.quant = {"method": "bnb", "bits": 4, "quant_type": "nf4", "double_quant": True}  # the quantized base
+    _, info = baseline.get_or_compute(tmp_path, cfg, eval_file, compute)  # is another untuned model
+    assert len(calls) == 5 and info["precision"] == "bnb nf4 double-quant" and not info["cached"]
 
 
 def _result(**kw):
