@@ -218,7 +218,8 @@ def _scaling(args: argparse.Namespace) -> int:
     from analysis.trials import describe_unreadable
     from src import hw
 
-    records, unreadable = scaling.read(args.paths)
+    found, unreadable = ratios.read_records_with_files(args.paths)
+    records = [(record, f.parent) for record, f in found]  # each trial's folder: its train_log.jsonl
     if not records:
         also = f"; unreadable records: {describe_unreadable(unreadable)}" if unreadable else ""
         raise ValueError(f"no completed trial under {[str(p) for p in args.paths]}{also}")

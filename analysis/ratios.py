@@ -27,9 +27,9 @@ def markers(block: str | None = None) -> tuple[str, str]:
     return f"<!-- ratios:{block}:begin -->", f"<!-- ratios:{block}:end -->"
 
 
-def read_records(paths: Iterable[Path]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """Completed trial records from result.json files or the sweep folders holding them, and
-    (path, why) of each record that could not be read (cut short, not JSON, wrong shape)."""
+def read_records_with_files(paths: Iterable[Path]) -> tuple[list[tuple[dict[str, Any], Path]], list[tuple[str, str]]]:
+    """Completed trial records, each with its result.json, from those files or the sweep folders holding
+    them, and (path, why) of each record that could not be read (cut short, not JSON, wrong shape)."""
     from analysis.trials import read_record
 
     out, unreadable = [], []
@@ -42,8 +42,14 @@ def read_records(paths: Iterable[Path]) -> tuple[list[dict[str, Any]], list[tupl
             if record is None:
                 unreadable.append((str(f), why or "unreadable"))
             elif record.get("status") == "completed":
-                out.append(record)
+                out.append((record, f))
     return out, unreadable
+
+
+def read_records(paths: Iterable[Path]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Completed trial records (see read_records_with_files) and the unreadable ones."""
+    found, unreadable = read_records_with_files(paths)
+    return [record for record, _ in found], unreadable
 
 
 def load_records(paths: Iterable[Path]) -> list[dict[str, Any]]:

@@ -100,20 +100,3 @@ def table(rs: list[dict[str, Any]], gemm_gflops: float | None, machine: str) -> 
                      f"{_ratio(r['peak_rss_mb'], r['planned_peak_rss_mb'])} | {r['load_s']:.1f} | "
                      f"{r['adapter_mb']:.1f} |")
     return "\n\n".join([" ".join(head), "\n".join(lines)])
-
-
-def read(paths: list[Path]) -> tuple[list[tuple[dict[str, Any], Path]], list[tuple[str, str]]]:
-    """Completed records and the folders holding them (their train_log.jsonl is read too)."""
-    from analysis.trials import read_record
-
-    out, unreadable = [], []
-    for path in paths:
-        if not path.exists():
-            raise ValueError(f"{path} does not exist; give the scaling study's sweep folder")
-        for f in results.record_files(path):
-            record, why = read_record(f)
-            if record is None:
-                unreadable.append((str(f), why or "unreadable"))
-            elif record.get("status") == "completed":
-                out.append((record, f.parent))
-    return out, unreadable

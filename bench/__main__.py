@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import measure
-from bench.trial_config import compose
 from src import cpu, hw, results
+from src.config import compose
 from src.paths import PROJECT_ROOT
 
 ENGINES = ("loop", "hf_trainer")

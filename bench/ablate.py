@@ -18,7 +18,8 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.trial_config import compose, load
+from bench.trial_config import load
+from src.config import compose
 
 VARIANTS = {  # name: (loss on targets only, length-grouped batches, fused shared-input projections)
     "plain (full-vocab loss, random batches)": (False, False, False),

@@ -28,7 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.trial_config import compose, load
+from bench.trial_config import load
+from src.config import compose
 
 
 def parse_variant(text: str) -> tuple[str, list[str], dict[str, str]]:

@@ -19,8 +19,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.trial_config import compose, load
+from bench.trial_config import load
 from src import hw
+from src.config import compose
 from src.paths import PROJECT_ROOT
 
 DECODERS = ("hf", "fast")

@@ -23,9 +23,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.trial_config import compose
 from src import hw, results
 from src import metrics as M
+from src.config import compose
 from src.paths import PROJECT_ROOT
 
 CONDITIONS = ("idle", "busy")

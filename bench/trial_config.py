@@ -1,12 +1,10 @@
-"""The trial configuration a benchmark measures: composed, checked and made plain as ``src.train`` does,
-so a bad override is named before any measurement starts."""
+"""What a benchmark measures: the trial's model, tokenizer and splits, loaded as the worker loads them
+(the configuration itself comes from src.config.compose)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, NamedTuple
-
-from src.config import compose  # noqa: F401  (the benchmarks' entry: bench.trial_config.compose)
 
 
 class Loaded(NamedTuple):

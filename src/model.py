@@ -270,12 +270,11 @@ def load(mcfg: Any, cache_dir: Path, seed: int) -> tuple[Any, Any, dict[str, Any
     source = str(mcfg.source)
     tok = load_tokenizer(mcfg, cache_dir)
     model: Any
-    if source == "tiny":
+    if source == "tiny":  # built in code: no folder to load from
         model = tiny_model(mcfg.shape, tok, seed)
     else:
-        folder = {"gguf": lambda: converted_gguf_dir(mcfg, cache_dir), "hf": lambda: mcfg.path,
-                  "synthetic": lambda: synthetic_dir(mcfg, cache_dir)}[source]()
         model = AutoModelForCausalLM.from_pretrained(
-            folder, local_files_only=source != "hf" or not mcfg.allow_download, **dtype_kwarg(torch.float32))
+            str(base_folder(mcfg, cache_dir, seed, Path())), local_files_only=source != "hf" or not mcfg.allow_download,
+            **dtype_kwarg(torch.float32))
     model.config.use_cache = False
     return tok, model, facts(mcfg, tok, model)

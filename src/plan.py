@@ -50,11 +50,11 @@ FP32_THROUGH_TRAINING = ("torchao",)
 ACT_PER_HIDDEN, ACT_PER_KV, ACT_PER_INTERMEDIATE = 9, 2, 4.5
 # Copies of the (tokens x vocabulary) logits alive at the loss: the logits, log-softmax, its gradient.
 LOGIT_COPIES = 3
-# Share of the fp32 GEMM peak our training loop reaches on a LoRA step (bench: 60-64% on SmolLM2-135M,
-# AMD EPYC 2 vCPU), and each backend's speed relative to fp32 on the same shapes (to be replaced by
-# the scaling study's measurements, see the README).
+# Share of the fp32 GEMM peak a trial's training reaches, counted in model FLOPs over every step (the
+# benchmark's steady steps reach 60-64% on SmolLM2-135M; a trial's first steps and shorter batches pull
+# it down). One value for every backend: the scaling study measured each within about 15% of fp32 at
+# the same size (README, "Model size"), so the plan does not tell them apart.
 LOOP_EFFICIENCY = 0.45
-BACKEND_SPEED = {None: 1.0, "nf4": 1.0, "fp4": 1.0, "int8": 1.0, "int8_weight_only": 1.0, "sym_int4": 1.0}
 FLOPS_PER_PARAM = 4  # forward 2N, backward through the frozen weights 2N (bench.measure's convention)
 
 
@@ -234,10 +234,7 @@ def plan(cfg: Any, arch: Arch, gemm_gflops: float | None = None) -> Plan:
     logits = tokens * arch.vocab * 4 * LOGIT_COPIES
     peak = max(PROCESS_FLOOR_MB + (weights + adapter + activations + logits) / MB, loading)
     flops = FLOPS_PER_PARAM * (arch.linear_params() + arch.vocab * arch.hidden)  # the head's product too
-    speed = None
-    if gemm_gflops is not None:
-        kind = quant.resolved_type(cfg.quant)
-        speed = gemm_gflops * 1e9 * LOOP_EFFICIENCY * BACKEND_SPEED[kind] / flops
+    speed = None if gemm_gflops is None else gemm_gflops * 1e9 * LOOP_EFFICIENCY / flops
     budget = memory_budget_mb(cfg)
     backend = "fp32" if not quant.active(cfg.quant) else f"{cfg.quant.method} {quant.resolved_type(cfg.quant)}"
     return Plan(model=str(cfg.model.name), params_b=arch.params() / 1e9, backend=backend, tokens_per_step=tokens,
@@ -269,20 +266,14 @@ def refusal(cfg: Any) -> str | None:
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
-    """The configurations of a command line: one per combination of its comma lists (as Hydra's basic
-    sweeper expands them); ranges and intervals of a search are not expanded."""
-    import itertools
-
+    """The configurations of a command line: one per combination of its comma lists and choices, as the
+    grid sweeper runs them (an interval is refused: it has no finite list of values to plan)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    choices = []
-    for o in OverridesParser.create().parse_overrides(overrides):
-        if o.is_sweep_override() and not (o.is_range_sweep() or o.is_interval_sweep()):
-            key = o.get_key_element()
-            choices.append([f"{key}={v}" for v in o.sweep_string_iterator()])
-        else:
-            choices.append([str(o.input_line)])
-    return [list(c) for c in itertools.product(*choices)]
+    from src.sweeper import space
+
+    grid = space.build(OverridesParser.create().parse_overrides(overrides))
+    return [grid.overrides(params) for params in grid.jobs()]
 
 
 def main(argv: list[str]) -> int:

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from analysis.__main__ import main as analysis_main
-from bench.trial_config import compose
 from src import model, worker
-from src.config import ConfigError
+from src.config import ConfigError, compose
 from tests.conftest import TINY, run_cli
 
 SPEED_MEMORY = "objectives=[{name:train/tokens_per_s,direction:maximize},{name:cost/peak_rss_mb,direction:minimize}]"

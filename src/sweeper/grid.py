@@ -9,7 +9,6 @@ again completes the grid: cells already completed in the study are skipped (set
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 from collections import Counter
@@ -39,8 +38,7 @@ class GridSweeper(StudySweeper):
         self.rerun_completed = bool(rerun_completed)
 
     def jobs(self, space: SearchSpace) -> list[dict[str, Any]]:
-        grid = space.grid()
-        return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+        return space.jobs()
 
     def jobs_to_check(self, space: SearchSpace) -> list[dict[str, Any]]:
         return self.jobs(space)  # a grid is finite: check every job

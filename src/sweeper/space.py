@@ -8,6 +8,7 @@ else is a fixed override passed to every trial unchanged.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,11 @@ class SearchSpace:
                 raise StudyError(f"hydra.sweeper.params.{name}: a grid needs finite values; "
                                  "use choice(...) or range(...) instead of interval(...)")
         return out
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """Every parameter set of the grid, in the order of its keys' values."""
+        grid = self.grid()
+        return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
     def extremes(self) -> list[dict[str, Any]]:
         """Parameter sets that touch every categorical value and both ends of every interval.
