@@ -6,8 +6,9 @@ torchao takes 8 (int8 weight-only; peft trains LoRA on it through its TorchaoLor
 takes 4 (sym_int4, with its own QLoRA layers), in its own environment (see ``worker_python``); 16 and
 32 mean no quantization. A quantized trial loads its base straight into the backend (never as an fp32
 model first) and scores its untuned baseline on that quantized base. bitsandbytes quantizes each weight
-as the checkpoint is read; torchao and ipex-llm hold the whole fp32 model while they convert it
-(measured: src/plan.py's FP32_WHILE_LOADING, FP32_THROUGH_TRAINING).
+as the checkpoint is read; torchao converts each layer as it loads, and its layers keep only their int8
+weight for backward (src/frozen_linear.py); ipex-llm loads a low-bit copy it converted once, in a
+child process (src/lowbit.py).
 """
 
 from __future__ import annotations
@@ -136,8 +137,9 @@ def hf_config(q: Any) -> Any:
                               bnb_4bit_compute_dtype=torch.float32)
 
 
-def load(folder: str | Path, q: Any) -> Any:
-    """The model in ``folder`` with its linear layers quantized, ready for k-bit LoRA training."""
+def load(folder: str | Path, q: Any, low_bit_root: Path | None = None) -> Any:
+    """The model in ``folder`` with its linear layers quantized, ready for k-bit LoRA training;
+    ``low_bit_root``: where ipex-llm keeps its low-bit copies (src/lowbit.py)."""
     import torch
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
@@ -145,25 +147,28 @@ def load(folder: str | Path, q: Any) -> Any:
     from src.model import dtype_kwarg
 
     if str(q.method) == "ipex":
-        return _load_ipex(folder, q)
+        return _load_ipex(folder, q, low_bit_root)
     model = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=hf_config(q), device_map="cpu",
                                                  **dtype_kwarg(torch.float32))
     model.config.use_cache = False
+    if str(q.method) == "torchao":
+        from src.frozen_linear import keep_quantized_for_backward
+
+        keep_quantized_for_backward(model)
     if str(q.method) != "bnb":
         return model
     # Casts norms to fp32 and enables input grads; checkpointing stays train.gradient_checkpointing's call.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
-def _load_ipex(folder: str | Path, q: Any) -> Any:
-    import torch
-    from ipex_llm.transformers import AutoModelForCausalLM as IpexModel
+def _load_ipex(folder: str | Path, q: Any, low_bit_root: Path | None) -> Any:
     from ipex_llm.transformers.qlora import prepare_model_for_kbit_training
 
-    # optimize_model=False: ipex-llm's inference rewrites (fused attention, its own KV cache) do not
-    # support training. lm_head stays fp32 like bitsandbytes leaves it.
-    model = IpexModel.from_pretrained(str(folder), load_in_low_bit=resolved_type(q), optimize_model=False,
-                                      torch_dtype=torch.float32, modules_to_not_convert=["lm_head"])
+    from src import lowbit
+
+    if low_bit_root is None:
+        raise ValueError("quant=ipex: give the folder for its low-bit copies (low_bit_root)")
+    model = lowbit.load(Path(folder), str(resolved_type(q)), low_bit_root)
     model.config.use_cache = False
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
@@ -180,4 +185,5 @@ def describe(q: Any, model: Any) -> dict[str, Any]:
             continue
         layers[kind] = layers.get(kind, 0) + 1
     return {"backend": str(q.method), "bits": int(q.bits), "quant_type": resolved_type(q),
-            "double_quant": bool(q.double_quant), "quantized_layers": layers}
+            "double_quant": bool(q.double_quant), "quantized_layers": layers,
+            **getattr(model, "low_bit_facts", {})}

@@ -123,17 +123,20 @@ def _seed(seed: int) -> None:
 
 
 def _quantized_base(cfg: DictConfig, cache_dir: Path, tdir: Path) -> Any:
-    """The base model loaded straight into the quantization backend (with bitsandbytes, weight by
-    weight; torchao and ipex-llm convert the whole model after loading it)."""
+    """The base model loaded straight into the quantization backend (src/quant.py says how each does it)."""
     import shutil
 
     from src import model, quant
 
-    scratch = tdir / ".base"
+    scratch, scratch_low_bit = tdir / ".base", tdir / ".base-low-bit"
     try:
-        return quant.load(model.base_folder(cfg.model, cache_dir, cfg.train.seed, scratch), cfg.quant)
+        folder = model.base_folder(cfg.model, cache_dir, cfg.train.seed, scratch)
+        # a model built for this trial alone (the tiny one) gets its low-bit copy beside it, not in the cache
+        low_bit_root = scratch_low_bit if Path(folder) == scratch else cache_dir / "low-bit"
+        return quant.load(folder, cfg.quant, low_bit_root)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(scratch_low_bit, ignore_errors=True)
 
 
 @dataclass

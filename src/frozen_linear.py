@@ -1,0 +1,54 @@
+"""Frozen quantized linear layers that keep only their quantized weight for the backward pass.
+
+torchao's int8 weight-only linear computes ``x @ int8.to(fp32).t() * scale``. Autograd saves that fp32
+copy of the weight for the input's gradient, so a training step held every adapted layer's weight in
+fp32 beside its int8 one until backward (measured on the scaling study: torchao trials peaked at 1.10x
+the fp32 trial at every size). peft trains LoRA beside these layers and the base weights are frozen,
+so backward only needs the input's gradient: this runs torchao's own forward kernel without autograd
+and, in backward, dequantizes one layer's weight at a time. It replaces only autograd's bookkeeping
+for these layers, which torchao does not offer a switch for.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class FrozenQuantizedLinear(torch.autograd.Function):
+    """``linear(x, weight, bias)`` for a frozen quantized ``weight``: saves the weight as stored."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.weight = weight  # the quantized parameter itself: nothing is copied
+        with torch.no_grad():
+            return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return grad @ ctx.weight.dequantize().to(grad.dtype), None, None
+
+
+def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return FrozenQuantizedLinear.apply(x, self.weight, self.bias)
+
+
+def is_quantized(weight: Any) -> bool:
+    """A weight torchao has swapped for its own tensor type (it swaps the weight, not the layer)."""
+    return type(weight).__module__.startswith("torchao")
+
+
+def keep_quantized_for_backward(model: torch.nn.Module) -> int:
+    """Every linear layer of ``model`` with a torchao weight keeps only that weight for backward; returns
+    how many it changed. Those weights get no gradient: peft freezes them (an int8 weight cannot train)."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and is_quantized(module.weight):
+            module.forward = types.MethodType(_forward, module)  # type: ignore[method-assign]
+            changed += 1
+    return changed

@@ -1,0 +1,86 @@
+"""ipex-llm's low-bit copy of a model: converted once in a child process, then loaded without fp32.
+
+ipex-llm's ``from_pretrained(load_in_low_bit=...)`` loads the whole model in fp32 and converts it
+afterwards, so a trial that loaded it that way peaked at the fp32 model's size. ipex-llm's own answer
+is ``save_low_bit`` once and ``load_low_bit`` after: the latter builds the model on the meta device,
+swaps in its low-bit layers and reads the saved int4 weights, so nothing fp32 but the layers it keeps
+(embeddings, norms, lm_head) is ever allocated. This keeps that copy in the cache, keyed by the model's
+files, the type and the ipex-llm version, and makes it in a child process: the fp32 model the
+conversion needs lives and dies there, not in the trial's worker (its peak is recorded beside the
+trial's facts). Run as ``python -m src.lowbit <model folder> <type> <out folder>`` by ``saved_copy``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Kept in full precision, as bitsandbytes leaves it (and what the cached copy was converted with).
+NOT_CONVERTED = ["lm_head"]
+READY = "load_keys.json"  # what save_low_bit writes last
+
+
+def key(folder: Path, qtype: str) -> str:
+    """The copy's identity: the model's files (names, sizes, modification times), the type, ipex-llm's
+    version and what stays unconverted."""
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+    text = json.dumps([str(folder.resolve()), files, qtype, NOT_CONVERTED, importlib.metadata.version("ipex-llm")])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def saved_copy(folder: Path, qtype: str, root: Path) -> tuple[Path, dict[str, Any]]:
+    """The low-bit copy of ``folder`` under ``root`` (made now if missing), and how it was obtained."""
+    out = root / f"{folder.name}-{qtype}-{key(folder, qtype)}"
+    if (out / READY).exists():
+        return out, {"low_bit_copy": "cached"}
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "src.lowbit", str(folder), qtype, str(out)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ipex-llm could not convert {folder} to {qtype}: {proc.stderr.strip()[-2000:]}")
+    # the largest resident set among the finished children: the conversion, the only one this worker waits on
+    return out, {"low_bit_copy": "converted", "conversion_s": round(time.perf_counter() - started, 2),
+                 "conversion_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def convert(folder: Path, qtype: str, out: Path) -> None:
+    """Load ``folder`` into ipex-llm's low-bit layers and save them to ``out`` (atomically: a copy being
+    written by another worker is never read half-made)."""
+    import torch
+    from ipex_llm.transformers import AutoModelForCausalLM as IpexModel
+
+    model = IpexModel.from_pretrained(str(folder), load_in_low_bit=qtype, optimize_model=False,
+                                      torch_dtype=torch.float32, modules_to_not_convert=NOT_CONVERTED)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    model.save_low_bit(str(tmp))
+    try:
+        tmp.rename(out)
+    except OSError:  # another worker finished the same copy first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load(folder: Path, qtype: str, root: Path) -> Any:
+    """The model with ipex-llm's low-bit layers, loaded from its saved copy; the facts of how are in its
+    ``low_bit_facts`` attribute."""
+    from ipex_llm.transformers import AutoModelForCausalLM as IpexModel
+
+    saved, facts = saved_copy(folder, qtype, root)
+    # optimize_model=False: ipex-llm's inference rewrites (fused attention, its own KV cache) do not
+    # support training.
+    model = IpexModel.load_low_bit(str(saved), optimize_model=False, modules_to_not_convert=NOT_CONVERTED)
+    model.low_bit_facts = facts
+    return model
+
+
+if __name__ == "__main__":
+    convert(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]))
