@@ -68,6 +68,19 @@ def preflight(cfg: DictConfig) -> dict[str, int]:
         raise _unresolved(exc) from None
 
 
+def memory_check(cfg: DictConfig) -> None:
+    """The memory plan alone (the sweepers' ``corner_check``): a search runs it on every combination of
+    its choices and range ends, where ``preflight`` saw only the extremes. A combination the cheap
+    checks refuse (an option one method does not take, say) is left to them: it fails its own trial."""
+    errors: list[str] = []
+    quant.check(cfg.quant, errors)  # without the interpreter probe: ipex's environment was checked once
+    if errors or size_problem(cfg.model):
+        return
+    too_big = plan.refusal(cfg)
+    if too_big:
+        raise ConfigError(too_big)
+
+
 def _unresolved(exc: OmegaConfBaseException) -> ConfigError:
     key = getattr(exc, "full_key", None) or "a value"
     return ConfigError(f"{key}: {str(exc).splitlines()[0]}; fix the value or the ${{...}} it refers to")

@@ -83,6 +83,19 @@ def test_plan_memory_false_lets_a_trial_past_the_plan():
     assert plan.refusal(_scaling("8b", "none", "train.memory_limit_mb=25000", "train.plan_memory=false")) is None
 
 
+def test_a_search_checks_the_memory_plan_alone_on_each_corner():
+    from src.config import ConfigError
+    from src.train import memory_check
+
+    with pytest.raises(ConfigError, match="train.plan_memory: the planned peak RSS"):
+        memory_check(_scaling("8b", "none", "train.memory_limit_mb=25000"))
+    memory_check(_scaling("8b", "bnb_nf4", "train.memory_limit_mb=25000"))  # fits
+    # a pair the search allows but the quant checks refuse is left to its own trial, not planned
+    cfg = _scaling("8b", "none", "train.memory_limit_mb=25000")
+    cfg.quant.bits = 4  # quantization method none with 4 bits: refused by quant.check, as the trial would be
+    memory_check(cfg)
+
+
 def test_a_model_the_plan_cannot_read_still_runs(tmp_path, caplog):
     from transformers import GPT2Config
 

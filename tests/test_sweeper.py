@@ -92,6 +92,23 @@ def test_grid_and_extremes():
     ext = s.extremes()
     assert {e["r"] for e in ext} == {4, 8, 16} and {e["lr"] for e in ext} == {0.1, 0.2}
     assert len(ext) == 1 + 2 + 1 + 1
+    corners = s.corners()
+    assert len(corners) == s.corner_count() == 3 * 2 * 2  # every choice, both ends of each range
+    assert {(c["r"], c["t"], c["lr"]) for c in corners} == {(r, t, lr) for r in (4, 8, 16) for t in (1, 2)
+                                                            for lr in (0.1, 0.2)}
+
+
+def test_a_search_too_large_for_its_corners_keeps_its_extremes_check(caplog):
+    from src.sweeper.base import MAX_CORNERS
+
+    sweeper = OptunaSweeper(params={})
+    small = build("r=4,8", "lr=interval(0.1,0.2)")
+    assert sweeper.corners_to_check(small) == small.corners()
+    wide = build(f"a=range(0,{MAX_CORNERS})", "b=1,2,3")  # an integer range: two ends
+    assert wide.corner_count() == 2 * 3
+    huge = build("a=" + ",".join(str(i) for i in range(MAX_CORNERS // 2 + 1)), "b=1,2")
+    assert huge.corner_count() > MAX_CORNERS
+    assert sweeper.corners_to_check(huge) == [] and "its extremes were checked" in caplog.text
 
 
 def test_mask_url_hides_only_the_password():

@@ -38,6 +38,9 @@ from src.sweeper.jobs import JobOutcome
 from src.sweeper.space import SearchSpace, build
 
 log = logging.getLogger("paretune.sweeper")
+# The most combinations of a search space's choices and range ends the ``corner_check`` hook is run on
+# before the start (composing one config takes tens of milliseconds).
+MAX_CORNERS = 512
 
 
 class StudySweeper(Sweeper):
@@ -48,7 +51,8 @@ class StudySweeper(Sweeper):
     def __init__(self, *, storage: str | None = None, study_name: str | None = None, direction: Any = None,
                  n_jobs: int = 1, max_failure_rate: float = 0.0, failure_scope: str = "batch",
                  params: dict[str, Any] | None = None, retry_stale: bool = False, lease_s: float = 120.0,
-                 objectives: Any = None, preflight: str | None = None, record: str | None = None,
+                 objectives: Any = None, preflight: str | None = None, corner_check: str | None = None,
+                 record: str | None = None,
                  trial_keys: str | None = None, summary: str | None = None, seed_key: str | None = None,
                  pruner: Any = None, prune_on: str | None = None, signal_direction: str | None = None) -> None:
         super().__init__()
@@ -67,6 +71,7 @@ class StudySweeper(Sweeper):
         # Hooks: what an app adds to plain Optuna behaviour (paretune's: conf/hydra/sweeper/hooks/paretune.yaml).
         self.declared = objectives
         self.preflight = preflight
+        self.corner_check = corner_check
         self.record = record
         self.trial_keys = trial_keys
         self.summary = summary
@@ -108,6 +113,7 @@ class StudySweeper(Sweeper):
         space = build(parsed)
         name = self.study_name or S.default_study_name(self.kind, sorted(overrides_in), names, directions)
         self.check_jobs(self.jobs_to_check(space), space)
+        self.check_corners(space)
         self.pruning = self.pruning_settings(names, directions)  # refused here, before a study is created
 
         self.storage = storage = S.open_storage(self.storage_spec)
@@ -154,6 +160,16 @@ class StudySweeper(Sweeper):
 
     def jobs_to_check(self, space: SearchSpace) -> list[dict[str, Any]]:
         return space.extremes()
+
+    def corners_to_check(self, space: SearchSpace) -> list[dict[str, Any]]:
+        """The parameter sets the cheaper ``corner_check`` hook sees (none when ``jobs_to_check`` is all)."""
+        count = space.corner_count()
+        if count > MAX_CORNERS:
+            log.warning("the search space has %d combinations of its choices and range ends, more than the %d "
+                        "checked before the start (hydra.sweeper.corner_check): its extremes were checked, and "
+                        "each trial's own checks still refuse it before any work", count, MAX_CORNERS)
+            return []
+        return space.corners()
 
     def trial_distributions(self, space: SearchSpace, study: optuna.Study) -> dict[str, Any]:
         """The distributions trials are asked with (a grid widens them so a study can grow)."""
@@ -213,6 +229,34 @@ class StudySweeper(Sweeper):
             unique = list(dict.fromkeys(problems))
             raise S.StudyError(f"{len(unique)} parameter set(s) of this sweep are invalid; nothing was run:\n  "
                                + "\n  ".join(unique))
+
+    def check_corners(self, space: SearchSpace) -> None:
+        """Run the ``corner_check`` hook on every combination of the space's choices and range ends, and
+        refuse the sweep listing those it refuses. Unlike ``preflight`` on the extremes, a combination
+        whose config does not compose is skipped: the extremes already showed every value composes, and a
+        pair a search allows by design (e.g. an option only one method reads) fails its own trial."""
+        assert self.hydra_context is not None and self.config is not None
+        if not self.corner_check:
+            return
+        check = get_method(self.corner_check)
+        problems, skipped = [], 0
+        for params in self.corners_to_check(space):
+            overrides = space.overrides(params)
+            try:
+                cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+            except Exception:  # noqa: BLE001 - see the docstring
+                skipped += 1
+                continue
+            try:
+                check(cfg)
+            except Exception as exc:  # noqa: BLE001 - reported together, below
+                problems.append(f"[{' '.join(overrides)}]\n    {exc}")
+        if skipped:
+            log.info("%d combination(s) of the search space do not compose; the corner check skipped them", skipped)
+        if problems:
+            raise S.StudyError(f"{len(problems)} combination(s) of this search's choices and range ends are "
+                               "refused; nothing was run (narrow the space to leave them out):\n  "
+                               + "\n  ".join(problems))
 
     def pruning_settings(self, names: list[str], directions: list[str]) -> dict[str, Any] | None:
         """What a job needs to report to its trial and ask the pruner (None: this sweep does not prune);

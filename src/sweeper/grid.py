@@ -43,6 +43,9 @@ class GridSweeper(StudySweeper):
     def jobs_to_check(self, space: SearchSpace) -> list[dict[str, Any]]:
         return self.jobs(space)  # a grid is finite: check every job
 
+    def corners_to_check(self, space: SearchSpace) -> list[dict[str, Any]]:
+        return []  # every job already had the full preflight
+
     def trial_distributions(self, space: SearchSpace, study: optuna.Study) -> dict[str, BaseDistribution]:
         """How each grid key is stored in the study, chosen so that a named study can grow.
 

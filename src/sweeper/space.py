@@ -9,6 +9,7 @@ else is a fixed override passed to every trial unchanged.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +67,15 @@ class SearchSpace:
         for k, d in self.distributions.items():
             out += [{**first, k: v} for v in _ends(d)[1:]]
         return out
+
+    def corners(self) -> list[dict[str, Any]]:
+        """Every combination of the categorical values and the ends of every range: where a quantity that
+        grows with each parameter (memory, with model size, rank, batch) is largest or smallest."""
+        ends = {k: _ends(d) for k, d in self.distributions.items()}
+        return [dict(zip(ends, values, strict=True)) for values in itertools.product(*ends.values())]
+
+    def corner_count(self) -> int:
+        return math.prod(len(_ends(d)) for d in self.distributions.values())
 
 
 def _ends(d: BaseDistribution) -> list[Any]:
