@@ -128,19 +128,22 @@ def test_ipex_sym_int4_trains_lora_in_its_own_environment(tmp_path, data_root, c
     assert record["gains"]["gain/loss"] < -0.5, record["gains"]
 
 
-def test_torchao_layers_keep_only_their_int8_weight_for_backward():
+@pytest.mark.parametrize("group", [None, 32])  # one scale per row (the default) | per group of 32: dequantized
+def test_torchao_layers_keep_only_their_int8_weight_for_backward(group):
     """What autograd holds between forward and backward: torchao's own path saves an fp32 copy of each
     weight; ours saves nothing of the weight, and the gradients are the same."""
     import copy
 
     import torch
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
 
     from src.frozen_linear import keep_quantized_for_backward
 
     torch.manual_seed(0)
     theirs = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 64, bias=False))
-    quantize_(theirs, Int8WeightOnlyConfig())
+    quantize_(theirs, Int8WeightOnlyConfig() if group is None else Int8WeightOnlyConfig(granularity=PerGroup(group)))
+    assert theirs[0].weight.scale.shape == (96, 1 if group is None else 64 // group)
     theirs.requires_grad_(False)
     ours = copy.deepcopy(theirs)
     assert keep_quantized_for_backward(ours) == 2
