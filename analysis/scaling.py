@@ -59,11 +59,15 @@ def rows(records: list[tuple[dict[str, Any], Path]], gemm_gflops: float | None) 
         def median(key: str, where: str = "metrics", members: list[Any] = members) -> float:
             return statistics.median(float(r[where][key]) for r, _ in members)
 
+        peaks = [float(r["metrics"][M.COST_PEAK_RSS_MB]) for r, _ in members]
+
         out.append({
             # as the architecture has them (a packed 4-bit layer's own count is not)
             "model": name, "params_b": planned.params_b, "backend": backend,
             "n": len(members), "tokens_per_s": statistics.median(speeds) if speeds else None,
+            "tokens_per_s_range": [min(speeds), max(speeds)] if speeds else None,
             "planned_tokens_per_s": planned.tokens_per_s, "peak_rss_mb": median(M.COST_PEAK_RSS_MB),
+            "peak_rss_mb_range": [min(peaks), max(peaks)],
             "planned_peak_rss_mb": planned.peak_rss_mb, "load_s": median("load_s", "timings"),
             "adapter_mb": median(M.COST_ADAPTER_MB), "synthetic": "synthetic" in members[0][0]["run"]["model"],
             "busy": not quiet,
@@ -74,6 +78,13 @@ def rows(records: list[tuple[dict[str, Any], Path]], gemm_gflops: float | None) 
     for r in out:
         r["rss_vs_fp32"] = r["peak_rss_mb"] / fp32[r["model"]] if r["model"] in fp32 else None
     return out
+
+
+def _spread(row: dict[str, Any], key: str, fmt: str) -> str:
+    low_high = row.get(key)
+    if row["n"] < 2 or not low_high:
+        return ""
+    return f" [{fmt.format(low_high[0])}-{fmt.format(low_high[1])}]"
 
 
 def _ratio(measured: float | None, planned: float | None) -> str:
@@ -91,12 +102,16 @@ def table(rs: list[dict[str, Any]], gemm_gflops: float | None, machine: str) -> 
         head.append("Rows marked busy were measured while other processes used the CPU (their speed is low).")
     lines = ["| model | parameters | backend | trials | training tokens/s | planned | peak RSS MB | vs fp32 | "
              "planned | load s | adapter MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    if any(r["n"] > 1 for r in rs):
+        head.append("With several trials: their median, and their lowest and highest in brackets.")
     for r in rs:
-        speed = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.3g}"
+        speed = "-" if r["tokens_per_s"] is None else (f"{r['tokens_per_s']:.3g}"
+                                                       + _spread(r, "tokens_per_s_range", "{:.3g}"))
         vs = "-" if r["rss_vs_fp32"] is None else f"{r['rss_vs_fp32']:.2f}x"
         trials = f"{r['n']} (busy)" if r["busy"] else str(r["n"])
         lines.append(f"| {r['model']} | {r['params_b']:.2f}B | {r['backend']} | {trials} | {speed} | "
-                     f"{_ratio(r['tokens_per_s'], r['planned_tokens_per_s'])} | {r['peak_rss_mb']:.0f} | {vs} | "
+                     f"{_ratio(r['tokens_per_s'], r['planned_tokens_per_s'])} | {r['peak_rss_mb']:.0f}"
+                     f"{_spread(r, 'peak_rss_mb_range', '{:.0f}')} | {vs} | "
                      f"{_ratio(r['peak_rss_mb'], r['planned_peak_rss_mb'])} | {r['load_s']:.1f} | "
                      f"{r['adapter_mb']:.1f} |")
     return "\n\n".join([" ".join(head), "\n".join(lines)])

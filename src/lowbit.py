@@ -4,10 +4,15 @@ ipex-llm's ``from_pretrained(load_in_low_bit=...)`` loads the whole model in fp3
 afterwards, so a trial that loaded it that way peaked at the fp32 model's size. ipex-llm's own answer
 is ``save_low_bit`` once and ``load_low_bit`` after: the latter builds the model on the meta device,
 swaps in its low-bit layers and reads the saved int4 weights, so nothing fp32 but the layers it keeps
-(embeddings, norms, lm_head) is ever allocated. This keeps that copy in the cache, keyed by the model's
-files, the type and the ipex-llm version, and makes it in a child process: the fp32 model the
-conversion needs lives and dies there, not in the trial's worker (its peak is recorded beside the
-trial's facts). Run as ``python -m src.lowbit <model folder> <type> <out folder>`` by ``saved_copy``.
+(embeddings, norms, lm_head) is ever allocated. This keeps that copy in the cache and makes it in a
+child process: the fp32 model the conversion needs lives and dies there, not in the trial's worker
+(the child's peak is recorded beside the trial's facts). Run as ``python -m src.lowbit <model folder>
+<type> <out folder>`` by ``saved_copy``; it prints its own peak RSS as JSON.
+
+The copy is keyed by the model folder's path and its files' names, sizes and modification times (not
+their content: a copy made with preserved times is taken for the same model), the type, ipex-llm's
+version and what stays unconverted. Copies of models that changed are not collected: ``make
+clean-cache`` removes them.
 """
 
 from __future__ import annotations
@@ -15,58 +20,63 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
 import resource
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from src.paths import publish
+
 # Kept in full precision, as bitsandbytes leaves it (and what the cached copy was converted with).
 NOT_CONVERTED = ["lm_head"]
-READY = "load_keys.json"  # what save_low_bit writes last
 
 
 def key(folder: Path, qtype: str) -> str:
-    """The copy's identity: the model's files (names, sizes, modification times), the type, ipex-llm's
-    version and what stays unconverted."""
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
     text = json.dumps([str(folder.resolve()), files, qtype, NOT_CONVERTED, importlib.metadata.version("ipex-llm")])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def local_folder(folder: Path) -> Path:
+    """``folder`` itself, or for a hub id (model=hf with model.allow_download) its local snapshot, which
+    huggingface_hub downloads when downloads are allowed."""
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(folder)))
+
+
 def saved_copy(folder: Path, qtype: str, root: Path) -> tuple[Path, dict[str, Any]]:
-    """The low-bit copy of ``folder`` under ``root`` (made now if missing), and how it was obtained."""
-    out = root / f"{folder.name}-{qtype}-{key(folder, qtype)}"
-    if (out / READY).exists():
-        return out, {"low_bit_copy": "cached"}
-    root.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "src.lowbit", str(folder), qtype, str(out)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ipex-llm could not convert {folder} to {qtype}: {proc.stderr.strip()[-2000:]}")
-    # the largest resident set among the finished children: the conversion, the only one this worker waits on
-    return out, {"low_bit_copy": "converted", "conversion_s": round(time.perf_counter() - started, 2),
-                 "conversion_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    """The low-bit copy of ``folder`` under ``root`` (made now if missing, by one worker at a time), and
+    how it was obtained."""
+    folder = local_folder(folder)
+    facts: dict[str, Any] = {"low_bit_copy": "cached"}
+
+    def convert_in_child(tmp: Path) -> None:
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "src.lowbit", str(folder), qtype, str(tmp)],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ipex-llm could not convert {folder} to {qtype} (exit {proc.returncode}): "
+                               f"{proc.stderr.strip()[-2000:]}")
+        child = json.loads(proc.stdout.strip().splitlines()[-1])
+        facts.update(low_bit_copy="converted", conversion_s=round(time.perf_counter() - started, 2),
+                     conversion_peak_rss_mb=round(child["peak_rss_mb"], 1))
+
+    return publish(convert_in_child, root / f"{folder.name}-{qtype}-{key(folder, qtype)}"), facts
 
 
 def convert(folder: Path, qtype: str, out: Path) -> None:
-    """Load ``folder`` into ipex-llm's low-bit layers and save them to ``out`` (atomically: a copy being
-    written by another worker is never read half-made)."""
+    """Load ``folder`` into ipex-llm's low-bit layers and save them to ``out``."""
     import torch
     from ipex_llm.transformers import AutoModelForCausalLM as IpexModel
 
     model = IpexModel.from_pretrained(str(folder), load_in_low_bit=qtype, optimize_model=False,
                                       torch_dtype=torch.float32, modules_to_not_convert=NOT_CONVERTED)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    model.save_low_bit(str(tmp))
-    try:
-        tmp.rename(out)
-    except OSError:  # another worker finished the same copy first
-        shutil.rmtree(tmp, ignore_errors=True)
+    model.save_low_bit(str(out))
 
 
 def load(folder: Path, qtype: str, root: Path) -> Any:
@@ -84,3 +94,4 @@ def load(folder: Path, qtype: str, root: Path) -> Any:
 
 if __name__ == "__main__":
     convert(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]))
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

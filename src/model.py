@@ -12,16 +12,13 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from src.paths import package_dir
+from src.paths import package_dir, publish
 
 log = logging.getLogger(__name__)
 
@@ -53,27 +50,6 @@ def _cache_key(gguf: Path) -> str:
     return f"{gguf.stem}-{st.st_size}-transformers{_transformers_version()[0]}"
 
 
-def _publish(build_dir_fn: Any, dest: Path) -> Path:
-    """Build into a temp folder beside ``dest`` and rename it into place, once, under a lock."""
-    if (dest / ".complete").exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(dest) + ".lock"):
-        if (dest / ".complete").exists():
-            return dest
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-        try:
-            build_dir_fn(tmp)
-            (tmp / ".complete").touch()
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
 def converted_gguf_dir(mcfg: Any, cache_dir: Path) -> Path:
     """Folder with the GGUF model as fp32 safetensors + tokenizer (converted on first use)."""
     gguf = _gguf_path(mcfg)
@@ -89,7 +65,7 @@ def converted_gguf_dir(mcfg: Any, cache_dir: Path) -> Path:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
 
-    return _publish(build, cache_dir / "models" / _cache_key(gguf))
+    return publish(build, cache_dir / "models" / _cache_key(gguf))
 
 
 def gguf_tokenizer_dir(mcfg: Any, cache_dir: Path) -> Path:
@@ -102,7 +78,7 @@ def gguf_tokenizer_dir(mcfg: Any, cache_dir: Path) -> Path:
     def build(tmp: Path) -> None:
         AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
 
-    return _publish(build, cache_dir / "tokenizers" / _cache_key(gguf))
+    return publish(build, cache_dir / "tokenizers" / _cache_key(gguf))
 
 
 def llama_config(shape: Any, tokenizer: Any) -> LlamaConfig:
@@ -182,7 +158,7 @@ def synthetic_dir(mcfg: Any, cache_dir: Path) -> Path:
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
 
-    return _publish(build, models / f"synthetic-{key}-transformers{_transformers_version()[0]}")
+    return publish(build, models / f"synthetic-{key}-transformers{_transformers_version()[0]}")
 
 
 def prepare(mcfg: Any, cache_dir: Path) -> None:

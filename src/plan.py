@@ -37,24 +37,24 @@ LINEAR_BYTES = {
     "sym_int4": 0.5 + 2 / 64,
 }
 DOUBLE_QUANT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
-# Backends that do not follow the quantized size, as measured by the scaling study (README, "Model size").
-# ipex-llm's from_pretrained loads the whole model in fp32 and converts it afterwards
-# (ggml_convert_low_bit): its peak is that fp32 model at load, unless training needs more. torchao's
-# trials peaked at 1.10x the fp32 trial's at every size: the fp32 weights stay resident beside the int8
-# ones through training. bitsandbytes quantizes each weight as the checkpoint is read.
-FP32_WHILE_LOADING = ("ipex",)
-FP32_THROUGH_TRAINING = ("torchao",)
+# Backends whose first trial on a model converts it from fp32: ipex-llm's from_pretrained loads the whole
+# model in fp32 and converts it afterwards (ggml_convert_low_bit). That runs once per model, in a child
+# process that saves the low-bit copy the trials load (src/lowbit.py): it is not the trial's peak, but it
+# must fit the same memory (the child inherits the worker's limit). bitsandbytes and torchao quantize
+# each weight as the checkpoint is read.
+CONVERTS_FROM_FP32 = ("ipex",)
 # fp32 values autograd keeps per trained token in one decoder layer, in units of the layer's widths:
 # the inputs of the adapted projections and their dropout copies, the normed states, q/k/v and the
 # attention output for its backward, and the MLP's gate, up, activation and product.
 ACT_PER_HIDDEN, ACT_PER_KV, ACT_PER_INTERMEDIATE = 9, 2, 4.5
 # Copies of the (tokens x vocabulary) logits alive at the loss: the logits, log-softmax, its gradient.
 LOGIT_COPIES = 3
-# Share of the fp32 GEMM peak a trial's training reaches, counted in model FLOPs over every step (the
-# benchmark's steady steps reach 60-64% on SmolLM2-135M; a trial's first steps and shorter batches pull
-# it down). One value for every backend: the scaling study measured each within about 15% of fp32 at
-# the same size (README, "Model size"), so the plan does not tell them apart.
-LOOP_EFFICIENCY = 0.45
+# Share of the fp32 GEMM peak a trial's training reaches, counted in model FLOPs over every step. It
+# depends on the CPU: the scaling study's trials reached 41-48% on a 2-vCPU AMD EPYC (AVX2) and 54-75%
+# on a 2-vCPU Intel Xeon (AVX-512, AMX), larger models higher. One value for both, fit to the two
+# studies' 32 cells (tests/golden/scaling*.json), keeps every planned speed within 0.68-1.33x of the
+# measured one. One value for every backend too: each trained within about 25% of fp32 at the same size.
+LOOP_EFFICIENCY = 0.50
 FLOPS_PER_PARAM = 4  # forward 2N, backward through the frozen weights 2N (bench.measure's convention)
 
 
@@ -184,7 +184,7 @@ class Plan:
     activations_mb: float
     logits_mb: float
     floor_mb: float
-    loading_mb: float  # the peak while loading, where the backend holds the fp32 model then (0: not counted)
+    converting_mb: float  # the one-time conversion's peak, where the backend converts from fp32 (0: none)
     peak_rss_mb: float
     gflop_per_token: float
     tokens_per_s: float | None
@@ -198,7 +198,8 @@ class Plan:
                 f"micro-batch: peak RSS ~{self.peak_rss_mb / 1024:.1f} GB (weights {self.weights_mb / 1024:.1f}, "
                 f"activations {self.activations_mb / 1024:.1f}, logits {self.logits_mb / 1024:.1f}, process "
                 f"{self.floor_mb / 1024:.1f}"
-                + (f"; {self.loading_mb / 1024:.1f} while loading the fp32 model" if self.loading_mb else "")
+                + (f"; {self.converting_mb / 1024:.1f} once, converting from fp32 in its own process"
+                   if self.converting_mb else "")
                 + f"){speed}; {verdict} in {self.memory_mb / 1024:.1f} GB")
 
 
@@ -221,10 +222,9 @@ def plan(cfg: Any, arch: Arch, gemm_gflops: float | None = None) -> Plan:
     tokens = int(t.batch_size) * int(t.max_seq_len)  # the longest micro-batch there can be
     weights = arch.linear_params() * linear_bytes(cfg.quant) + arch.other_params() * 4
     method = str(cfg.quant.method) if quant.active(cfg.quant) else "none"
-    if method in FP32_THROUGH_TRAINING:
-        weights += arch.linear_params() * 4  # the fp32 layers it converted from
-    loading = PROCESS_FLOOR_MB + (arch.params() * 4 + arch.linear_params() * linear_bytes(cfg.quant)) / MB \
-        if method in FP32_WHILE_LOADING else 0.0
+    # the converting child and the worker waiting for it (its tokenizer loaded), together
+    converting = 2 * PROCESS_FLOOR_MB + (arch.params() * 4 + arch.linear_params() * linear_bytes(cfg.quant)) / MB \
+        if method in CONVERTS_FROM_FP32 else 0.0
     adapter = trainable_params(arch, cfg) * 16  # fp32 weights, gradients and Adam's two moments
     per_layer = ACT_PER_HIDDEN * arch.hidden + ACT_PER_KV * arch.kv_dim + ACT_PER_INTERMEDIATE * arch.intermediate
     if t.gradient_checkpointing:  # each layer's input, and one layer's tensors while it is recomputed
@@ -232,15 +232,16 @@ def plan(cfg: Any, arch: Arch, gemm_gflops: float | None = None) -> Plan:
     else:
         activations = tokens * 4 * per_layer * arch.layers
     logits = tokens * arch.vocab * 4 * LOGIT_COPIES
-    peak = max(PROCESS_FLOOR_MB + (weights + adapter + activations + logits) / MB, loading)
+    peak = PROCESS_FLOOR_MB + (weights + adapter + activations + logits) / MB
     flops = FLOPS_PER_PARAM * (arch.linear_params() + arch.vocab * arch.hidden)  # the head's product too
     speed = None if gemm_gflops is None else gemm_gflops * 1e9 * LOOP_EFFICIENCY / flops
     budget = memory_budget_mb(cfg)
     backend = "fp32" if not quant.active(cfg.quant) else f"{cfg.quant.method} {quant.resolved_type(cfg.quant)}"
     return Plan(model=str(cfg.model.name), params_b=arch.params() / 1e9, backend=backend, tokens_per_step=tokens,
                 weights_mb=weights / MB, adapter_mb=adapter / MB, activations_mb=activations / MB,
-                logits_mb=logits / MB, floor_mb=PROCESS_FLOOR_MB, loading_mb=loading, peak_rss_mb=peak,
-                gflop_per_token=flops / 1e9, tokens_per_s=speed, memory_mb=budget, fits=peak <= budget)
+                logits_mb=logits / MB, floor_mb=PROCESS_FLOOR_MB, converting_mb=converting, peak_rss_mb=peak,
+                gflop_per_token=flops / 1e9, tokens_per_s=speed, memory_mb=budget,
+                fits=max(peak, converting) <= budget)
 
 
 def refusal(cfg: Any) -> str | None:
@@ -255,6 +256,12 @@ def refusal(cfg: Any) -> str | None:
         return None
     if p.fits:
         return None
+    if p.peak_rss_mb <= p.memory_mb:  # the trial fits; only the one-time conversion from fp32 does not
+        return (f"train.plan_memory: {p.backend} converts the model from fp32 once (in its own process, then "
+                f"keeps the low-bit copy in the cache), which needs {p.converting_mb / 1024:.1f} GB, more than the "
+                f"{p.memory_mb / 1024:.1f} GB it may use (the trial itself would peak at {p.peak_rss_mb / 1024:.1f} "
+                "GB); quantize the base as it loads (quant=bnb_nf4), raise train.memory_limit_mb, or set "
+                "train.plan_memory=false to run it anyway")
     fixes = [] if p.backend.startswith("bnb nf4") else ["quantize the base as it loads (quant=bnb_nf4)"]
     fixes += ["lower train.batch_size or train.max_seq_len"]
     if not cfg.train.gradient_checkpointing:

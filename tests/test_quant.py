@@ -163,12 +163,20 @@ def test_torchao_layers_keep_only_their_int8_weight_for_backward(group):
         return y.detach(), x.grad, saved
 
     y_theirs, grad_theirs, saved_theirs = run(theirs)
+    if group is None:  # one scale per row: the gradient comes from the int8 weight, never a dequantized one
+        for layer in (ours[0], ours[2]):
+            layer.weight.dequantize = _refuse_dequantize
     y_ours, grad_ours, saved_ours = run(ours)
     weights = {(96, 64), (64, 96)}  # either orientation of either weight
     assert {s for s, dtype in saved_theirs if dtype == torch.float32} & weights  # the copy this removes
     assert not {s for s, _ in saved_ours} & weights, saved_ours
     assert torch.equal(y_ours, y_theirs)
     torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-5, atol=1e-6)
+
+
+
+def _refuse_dequantize(*args: object, **kwargs: object) -> None:
+    raise AssertionError("dequantized the weight for its backward")
 
 
 IPEX_COPY_SCRIPT = """
@@ -187,7 +195,8 @@ ids = torch.arange(3, 40).reshape(1, -1)
 with torch.no_grad():
     logits = [m(ids).logits for m in (first, second, direct)]
 print(json.dumps({"facts": [first.low_bit_facts, second.low_bit_facts],
-                  "copies": sorted(p.name for p in root.iterdir()),
+                  "copies": sorted(p.name for p in root.iterdir() if p.is_dir()),
+                  "complete": all((p / ".complete").exists() for p in root.iterdir() if p.is_dir()),
                   "layers": sorted({type(m).__name__ for m in second.modules() if "Linear" in type(m).__name__}),
                   "same_as_direct": [bool(torch.equal(x, logits[2])) for x in logits[:2]]}))
 """
@@ -217,7 +226,9 @@ def test_ipex_converts_once_and_loads_its_low_bit_copy_without_fp32(tmp_path, ca
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     converted, cached = out["facts"]
     assert converted["low_bit_copy"] == "converted" and converted["conversion_s"] > 0
+    assert converted["conversion_peak_rss_mb"] > 100  # the child's own peak, which the loading process never had
     assert cached == {"low_bit_copy": "cached"}
     assert len(out["copies"]) == 1 and out["copies"][0].startswith("model-sym_int4-")  # no half-made copy left
+    assert out["complete"]
     assert out["layers"] == ["Linear", "LowBitLinear"]  # lm_head stays a plain fp32 Linear
     assert out["same_as_direct"] == [True, True]

@@ -103,3 +103,16 @@ def test_a_4_bit_trial_peaks_below_the_fp32_one(tmp_path, data_root, cache_dir):
     # trials loaded quantized, their peak was the fp32 one plus the quantized copy.
     fp32, nf4 = (_peak_rss(tmp_path, data_root, cache_dir, q) for q in ("none", "bnb_nf4"))
     assert nf4 < fp32 - 250, (fp32, nf4)
+
+
+def test_the_scaling_table_shows_the_spread_of_repeated_trials():
+    from analysis import scaling
+
+    row = {"model": "synthetic_1b", "params_b": 1.07, "backend": "fp32", "n": 2, "tokens_per_s": 57.5,
+           "tokens_per_s_range": [55.1, 59.9], "planned_tokens_per_s": 50.0, "peak_rss_mb": 6677.0,
+           "peak_rss_mb_range": [6650.0, 6704.0], "planned_peak_rss_mb": 6900.0, "load_s": 3.2, "adapter_mb": 43.0,
+           "synthetic": True, "busy": False, "rss_vs_fp32": 1.0}
+    text = scaling.table([row, {**row, "n": 1, "backend": "bnb nf4"}], 335.0, "a CPU")
+    assert "| 2 | 57.5 [55.1-59.9] | 50 (0.87x) | 6677 [6650-6704] | 1.00x |" in text
+    assert "| 1 | 57.5 | 50 (0.87x) | 6677 | 1.00x |" in text  # one trial: no spread to show
+    assert "lowest and highest in brackets" in text

@@ -39,8 +39,9 @@ from src.sweeper.space import SearchSpace, build
 
 log = logging.getLogger("paretune.sweeper")
 # The most combinations of a search space's choices and range ends the ``corner_check`` hook is run on
-# before the start (composing one config takes tens of milliseconds).
+# before the start: composing one config takes 30-100 ms on 2 cores, so up to about 50 s.
 MAX_CORNERS = 512
+MAX_LISTED = 20  # refused combinations named in the error (the count says how many there are)
 
 
 class StudySweeper(Sweeper):
@@ -254,9 +255,11 @@ class StudySweeper(Sweeper):
         if skipped:
             log.info("%d combination(s) of the search space do not compose; the corner check skipped them", skipped)
         if problems:
+            shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"]
+                                             if len(problems) > MAX_LISTED else [])
             raise S.StudyError(f"{len(problems)} combination(s) of this search's choices and range ends are "
                                "refused; nothing was run (narrow the space to leave them out):\n  "
-                               + "\n  ".join(problems))
+                               + "\n  ".join(shown))
 
     def pruning_settings(self, names: list[str], directions: list[str]) -> dict[str, Any] | None:
         """What a job needs to report to its trial and ask the pruner (None: this sweep does not prune);

@@ -82,7 +82,7 @@ def _ends(d: BaseDistribution) -> list[Any]:
     if isinstance(d, CategoricalDistribution):
         return list(d.choices)
     assert isinstance(d, IntDistribution | FloatDistribution)
-    return [d.low, d.high]
+    return [d.low, d.high] if d.high != d.low else [d.low]
 
 
 def format_value(value: Any) -> str:
