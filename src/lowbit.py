@@ -34,7 +34,8 @@ NOT_CONVERTED = ["lm_head"]
 
 
 def key(folder: Path, qtype: str) -> str:
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+    stats = {p.name: p.stat() for p in folder.iterdir() if p.is_file()}
+    files = sorted((name, st.st_size, st.st_mtime_ns) for name, st in stats.items())
     text = json.dumps([str(folder.resolve()), files, qtype, NOT_CONVERTED, importlib.metadata.version("ipex-llm")])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

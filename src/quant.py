@@ -175,11 +175,13 @@ def _load_ipex(folder: str | Path, q: Any, low_bit_root: Path | None) -> Any:
 
 def describe(q: Any, model: Any) -> dict[str, Any]:
     """What was really quantized: counted from the model's layers, not taken from the config."""
+    from src.frozen_linear import is_quantized
+
     layers: dict[str, int] = {}
     for module in model.modules():
         kind = type(module).__name__
         weight = getattr(module, "weight", None)
-        if type(weight).__module__.startswith("torchao"):  # torchao swaps the weight, not the layer
+        if is_quantized(weight):  # torchao swaps the weight, not the layer
             kind = f"Linear[{type(weight).__name__}]"
         elif kind not in ("Linear4bit", "Linear8bitLt", "LowBitLinear"):
             continue

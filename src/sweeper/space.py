@@ -53,8 +53,7 @@ class SearchSpace:
 
     def jobs(self) -> list[dict[str, Any]]:
         """Every parameter set of the grid, in the order of its keys' values."""
-        grid = self.grid()
-        return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+        return _product(self.grid())
 
     def extremes(self) -> list[dict[str, Any]]:
         """Parameter sets that touch every categorical value and both ends of every interval.
@@ -71,11 +70,15 @@ class SearchSpace:
     def corners(self) -> list[dict[str, Any]]:
         """Every combination of the categorical values and the ends of every range: where a quantity that
         grows with each parameter (memory, with model size, rank, batch) is largest or smallest."""
-        ends = {k: _ends(d) for k, d in self.distributions.items()}
-        return [dict(zip(ends, values, strict=True)) for values in itertools.product(*ends.values())]
+        return _product({k: _ends(d) for k, d in self.distributions.items()})
 
     def corner_count(self) -> int:
         return math.prod(len(_ends(d)) for d in self.distributions.values())
+
+
+def _product(values: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the keys' values, in the order of their lists."""
+    return [dict(zip(values, combo, strict=True)) for combo in itertools.product(*values.values())]
 
 
 def _ends(d: BaseDistribution) -> list[Any]:
