@@ -93,15 +93,29 @@ def _worker_pid(trial_dir: Path, timeout_s: float = 120) -> int:
     raise AssertionError("the worker never started")
 
 
+def _training(trial_dir: Path, timeout_s: float = 300) -> None:
+    """Returns once the worker's progress bar shows a finished training step."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if re.search(r"train:.*\| *[1-9]\d*/\d+ \[", (trial_dir / "worker.log").read_text(errors="replace")):
+                return
+        time.sleep(0.05)
+    raise AssertionError("the worker never started training")
+
+
 def test_a_worker_killed_by_sigkill_is_a_failed_trial_and_the_next_runs(tmp_path, data_root, cache_dir):
+    """The kill lands while the first trial trains: the tiny model trains 100 steps a second, so a fixed
+    sleep could miss it; here the steps are unbounded and a time budget ends the second, healthy trial."""
     sweep = tmp_path / "sweep"
     proc = subprocess.Popen(_cmd(tmp_path, data_root, cache_dir, "-m", f"hydra.sweep.dir={sweep}",
-                                 "hydra.sweeper.max_failure_rate=0.9", "lora.r=2,4") + ["train.max_steps=40"],
+                                 "hydra.sweeper.max_failure_rate=0.9", "lora.r=2,4")
+                            + ["train.max_steps=1000000", "train.time_budget_s=3"],
                             cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
         pid = _worker_pid((sweep / "0").resolve())
-        time.sleep(3)  # mid-trial
+        _training((sweep / "0").resolve())
         os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=600)
     finally:
@@ -268,15 +282,16 @@ def test_a_sweep_killed_mid_trial_resumes_with_the_same_command(tmp_path, data_r
     trial 0 is not run again, the lost trial is failed and run again, nothing is half-written, and
     the stopped sweep's worker did not outlive it."""
     sweep = tmp_path / "sweep"
-    # the last of repeated overrides wins: long enough trials to stop one in the middle
+    # the last of repeated overrides wins: trials that train until their time budget, so that the signal
+    # lands while trial 1 trains however fast the machine is
     cmd = [*_cmd(tmp_path, data_root, cache_dir, "-m", f"hydra.sweep.dir={sweep}", "lora.r=2,4,8"),
-           "train.max_steps=60"]
+           "train.max_steps=1000000", "train.time_budget_s=3"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         worker = _worker_pid((sweep / "1").resolve(), timeout_s=300)
         first = (sweep / "0" / "result.json").read_bytes()
-        time.sleep(2)
+        _training((sweep / "1").resolve())
         proc.send_signal(sig)
         proc.communicate(timeout=120)
     finally:
