@@ -449,15 +449,13 @@ def _profiling(t: Trial) -> Iterator[_Profiled | None]:
 
 def _fuse(t: Trial, net: Any, inputs: Inputs) -> Any:
     """train.fuse_projections: the adapted layers that share an input, found on a short probe from
-    the first training example, computed as one product each (src/fuse.py)."""
-    if not t.cfg.train.fuse_projections:
+    the first training example, computed as one product each (src/fuse.py). Our loop only: the
+    Trainer engine is the reference it is compared with, and runs peft's layers as anywhere else."""
+    if not t.cfg.train.fuse_projections or str(t.cfg.train.engine) != "loop":
         return None
-    import torch
-
     from src import fuse
 
-    ids = torch.tensor([inputs.train_examples[0].input_ids[:8]])
-    fused = fuse.apply(net, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    fused = fuse.apply_on(net, inputs.train_examples[0].input_ids)
     t.run["fused_projections"] = {"groups": len(fused.groups), "layers": fused.layers}
     return fused
 

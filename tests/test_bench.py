@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench import measure
+from src import hw
 from src import metrics as M
 from tests.conftest import TINY
 
@@ -65,20 +66,29 @@ def test_bench_runs_both_engines_interleaved_and_writes_json_and_readme(tmp_path
     """Two pairs on the tiny model. Every step holds all six examples (batch 6), so both engines must
     count exactly the same real tokens: Trainer's own non-padding count against our loop's."""
     readme = tmp_path / "README.md"
-    readme.write_text("# x\n<!-- ratios:speed:begin -->\nold\n<!-- ratios:speed:end -->\nkept\n")
+    readme.write_text("# x\n<!-- ratios:speed:begin -->\nother CPU\n<!-- ratios:speed:end -->\n"
+                      "<!-- ratios:speed_here:begin -->\nold\n<!-- ratios:speed_here:end -->\nkept\n")
     out, sweep = tmp_path / "bench.json", tmp_path / "sweep"
     args = [*TINY, "train.batch_size=6", "train.max_steps=3", f"data.root={data_root}",
             f"paths.cache_dir={cache_dir}", "logger=none"]
     env = {**os.environ, "PARETUNE_STUDY_STORAGE": str(tmp_path / "study.journal")}
     proc = subprocess.run([sys.executable, "-m", "bench", "--pairs", "2", "--sweep-dir", str(sweep), "--out", str(out),
-                           "--readme", str(readme), *args], capture_output=True, text=True, env=env, timeout=900)
+                           "--readme", str(readme), "--block", "speed_here", *args],
+                          capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())
     assert [(t["engine"], t["seed"], t["status"]) for t in report["trials"]] == [
         ("loop", 1, "completed"), ("hf_trainer", 1, "completed"), ("loop", 2, "completed"),
         ("hf_trainer", 2, "completed")]  # A B A B
-    assert report["gemm"]["gflops_peak"] > 0 and report["machine"]["usable_cores"] >= 1
+    assert report["machine"]["usable_cores"] >= 1
+    gemm = report["gemm"]  # the best of three fresh processes before the sweep and three after
+    assert len(gemm["before"]) == len(gemm["after"]) == 3 and gemm["processes"] == 6
+    peaks = [g["gflops_peak"] for g in gemm["before"] + gemm["after"]]
+    assert gemm["gflops_peak"] == max(peaks) > 0 and gemm["gflops_peak_min"] == min(peaks)
+    assert all(g["reps"] == 40 for g in gemm["before"] + gemm["after"])
     records = [json.loads((sweep / t["dir"] / "result.json").read_text()) for t in report["trials"]]
+    # our loop fuses the shared-input projections by default; Trainer, the reference, runs peft's layers
+    assert [bool(r["run"].get("fused_projections")) for r in records] == [True, False, True, False]
     tokens = {r["metrics"][M.TRAIN_TOKENS] for r in records}
     assert len(tokens) == 1 and tokens.pop() > 0
     for r in records:
@@ -91,7 +101,8 @@ def test_bench_runs_both_engines_interleaved_and_writes_json_and_readme(tmp_path
     assert len(report["summary"]["ratios"]["train_tokens_per_s_pairs"]) == 2
     assert {v["target"] for v in report["targets"]} == set(measure.TARGETS)
     text = readme.read_text()
-    assert "old" not in text and text.endswith("kept\n")
+    assert "old" not in text and text.endswith("kept\n") and "\nother CPU\n" in text  # one block per CPU
+    assert "the best of 6 processes of 40 products each" in text
     assert "| training tokens/s" in text and report["machine"]["model"] in text and "transformers.Trainer" in text
     # Summarising the same sweep again gives the same numbers.
     again = subprocess.run([sys.executable, "-m", "bench", "--from", str(sweep), "--out", str(tmp_path / "again.json")],
@@ -106,9 +117,12 @@ def test_ablation_prints_every_variant_against_the_plain_path(data_root, cache_d
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "x plain" not in line]
-    from bench.ablate import VARIANTS
+    from bench.ablate import BF16_MATMUL, VARIANTS, variants
 
-    assert [r.split(" | ")[0].lstrip("| ") for r in rows] == list(VARIANTS)
+    names = [r.split(" | ")[0].lstrip("| ") for r in rows]
+    assert names == list(variants()) and names[:len(VARIANTS)] == list(VARIANTS)
+    flags = hw.probe()["flags"]
+    assert (BF16_MATMUL in names) == bool(flags["amx_bf16"] or flags["avx512_bf16"])  # only where bf16 is native
     assert " | 1.00x | " in rows[0]  # x plain
     ours = next(r for r in rows if r.startswith("| both (our loop) |"))
     assert ours.endswith("| 1.00x |")  # x our loop
@@ -195,3 +209,17 @@ def test_cpu_ablation_runs_each_variant_in_its_own_worker_process_with_its_setti
     bad = subprocess.run([sys.executable, "-m", "bench.ablate_cpu", "--variant", "x", "--variant", "y=cpu.threads=1"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "expected NAME=SETTINGS" in bad.stderr
+
+
+def test_ablation_ratios_pair_the_steps_of_variants_that_train_on_the_same_batches():
+    """A slow moment of the machine during one variant's step moves the ratio of medians, not the median of
+    step-by-step ratios; variants whose batches differ from our loop's get the ratio of medians."""
+    from bench.ablate import OUR_LOOP, Variant, table
+
+    todo = {"plain": Variant(False, False), OUR_LOOP: Variant(True, True), "fused": Variant(True, True, "all")}
+    rates = {"plain": [50.0, 100.0, 150.0], OUR_LOOP: [100.0, 200.0, 300.0], "fused": [110.0, 220.0, 150.0]}
+    rows = {r.split(" | ")[0].lstrip("| "): r.split(" | ") for r in table(rates, todo, "cmd").splitlines()
+            if r.startswith("| ") and "x plain" not in r}
+    assert rows["fused"][4] == "1.10x |"           # paired: 1.1, 1.1, 0.5 (the ratio of medians: 0.75)
+    assert rows[OUR_LOOP][3] == "2.00x"            # against plain, other batches: 200 / 100
+    assert rows["fused"][1:3] == ["150.0", "110-220"]

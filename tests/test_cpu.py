@@ -175,9 +175,8 @@ def test_an_isa_cap_below_the_cpus_best_level_is_in_effect_in_the_worker(tmp_pat
 
 def test_defaults_and_bf16_and_jemalloc_in_the_worker(tmp_path, data_root, cache_dir):
     _require_allocators()
-    record = _trial(tmp_path, data_root, cache_dir, "cpu.allocator=jemalloc", "cpu.dtype=bf16",
-                    "train.fuse_projections=true")
-    assert record["run"]["fused_projections"]["groups"] > 0  # q/k/v and gate/up of each block, under autocast
+    record = _trial(tmp_path, data_root, cache_dir, "cpu.allocator=jemalloc", "cpu.dtype=bf16")
+    assert record["run"]["fused_projections"]["groups"] > 0  # by default: q/k/v, gate/up, under autocast
     c = record["cpu"]
     assert c["allocator"] == "jemalloc" and c["dtype"] == "bf16"
     assert c["autocast_in_training"] == "bfloat16"

@@ -56,8 +56,13 @@ def _names(net, group):
 def test_fused_projections_give_peft_loss_and_lora_gradients(bias):
     net, batch = _model(bias=bias), _batch()
     own_forward = {id(m) for m in net.modules() if "forward" in vars(m)}
+    frozen = {n: p.detach().clone() for n, p in net.named_parameters() if not p.requires_grad}
     ref_loss, ref_grads = _loss_and_grads(net, batch)
     fused = fuse.apply(net, _probe())
+    shared = [m.base_layer.weight for g in fused.groups for m in g.members]
+    # each group's weights are rows of one buffer, read in place by its product: no second copy
+    assert len({w.untyped_storage().data_ptr() for w in shared}) == len(fused.groups)
+    assert all(g._frozen()[0].data_ptr() == g.members[0].base_layer.weight.data_ptr() for g in fused.groups)
     # per block: q/k/v read the normed hidden states, gate/up the normed attention output
     assert [_names(net, g) for g in fused.groups] == [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]] * 2
     loss, grads = _loss_and_grads(net, batch)
@@ -70,6 +75,10 @@ def test_fused_projections_give_peft_loss_and_lora_gradients(bias):
     assert _loss_and_grads(net, batch)[0] == pytest.approx(ref_loss, rel=1e-6)
     fused.remove()
     assert {id(m) for m in net.modules() if "forward" in vars(m)} == own_forward
+    assert len({w.untyped_storage().data_ptr() for w in shared}) == len(shared)  # own storage again
+    for n, p in net.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[n]), n
 
 
 def test_gradient_checkpointing_and_training_steps_keep_the_same_result():
