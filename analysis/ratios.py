@@ -7,6 +7,7 @@ setting are reduced to their median, and the table says how many there were.
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -100,7 +101,9 @@ def replace_block(text: str, table_text: str, block: str | None = None) -> str:
     """Put ``table_text`` between the (named) ratio markers of a document, keeping everything else."""
     begin, end = markers(block)
     if begin not in text or end not in text:
-        raise ValueError(f"the document has no {begin} ... {end} markers to write the table between")
+        found = sorted(set(re.findall(r"<!-- ratios:([\w-]+):begin -->", text)))
+        raise ValueError(f"the document has no {begin} ... {end} markers to write the table between"
+                         + (f" (its named blocks: {', '.join(found)})" if found else ""))
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     return f"{head}{begin}\n{table_text}\n{end}{tail}"

@@ -4,12 +4,13 @@ both run to this machine's matmul peak.
     python -m bench [--pairs 5] [--readme README.md [--block speed]] [--out FILE] [OVERRIDE ...]
     python -m bench --from SWEEP_DIR [--readme README.md]      # summarise a benchmark sweep again
 
-It measures the fp32 GEMM peak in a fresh process, then runs one sweep over ``train.engine=loop,
+It measures the fp32 GEMM peak in three fresh processes, then runs one sweep over ``train.engine=loop,
 hf_trainer`` with ``train.seed=1..pairs`` first, so the two engines alternate (A B A B ...) in one
 process tree, each trial in its own fresh worker as always. OVERRIDEs (e.g. ``cpu.threads=1``,
 ``model=hf model.path=...``) apply to every trial. The JSON (machine, GEMM peak, every trial's numbers,
-medians, ratios, targets) goes to --out and into the sweep folder; --readme writes the table between
-the ``<!-- ratios:speed:begin/end -->`` markers. The sweep is only as fair as the machine is quiet:
+medians, ratios, targets) goes to --out and into the sweep folder; then three more GEMM processes run,
+and the best of the six is the peak. --readme writes the table between the
+``<!-- ratios:BLOCK:begin/end -->`` markers (--block). The sweep is only as fair as the machine is quiet:
 run nothing else meanwhile.
 """
 
@@ -182,6 +183,16 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "machine"
 
 
+def check_block(p: argparse.ArgumentParser, readme: Path, block: str) -> None:
+    """The README block exists, said before the half hour of measuring rather than after it."""
+    from analysis.ratios import replace_block
+
+    try:
+        replace_block(readme.read_text(), "", block)
+    except (OSError, ValueError) as exc:
+        p.error(f"--readme {readme} --block {block}: {exc}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -191,12 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="also write the JSON here (default bench/results/<machine>.json)")
     p.add_argument("--readme", type=Path, help="write the table into this file's speed markers")
     p.add_argument("--block", default="speed",
-                   help="with --readme: the markers <!-- ratios:BLOCK:begin/end --> (default speed); one "
-                        "block per machine keeps each CPU's table")
+                   help="with --readme: the markers <!-- ratios:BLOCK:begin/end --> (default speed; this "
+                        "project's README keeps one block per CPU: speed_xeon, speed_epyc)")
     p.add_argument("overrides", nargs="*", help="config overrides for every trial, e.g. cpu.threads=1")
     a = p.parse_args(argv)
     if a.pairs < 1:
         p.error("--pairs: give at least 1 (5 or more for numbers worth quoting)")
+    if a.readme:
+        check_block(p, a.readme, a.block)
     machine = hw.probe()
     invocation = " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)])
     if a.from_dir:

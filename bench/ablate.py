@@ -38,10 +38,10 @@ VARIANTS = {
     "plain (full-vocab loss, random batches)": Variant(False, False),
     "loss on targets only": Variant(True, False),
     "length-grouped batches": Variant(False, True),
-    "both (our loop)": Variant(True, True),
-    "both + fused projections (train.fuse_projections)": Variant(True, True, True),
+    "both, unfused (train.fuse_projections=false)": Variant(True, True),
+    "both + fused projections (our loop, the default)": Variant(True, True, True),
 }
-OUR_LOOP = "both (our loop)"
+OUR_LOOP = "both + fused projections (our loop, the default)"
 BF16_MATMUL = "both + fused, fp32 products in bf16 (oneDNN)"
 
 
@@ -99,7 +99,7 @@ def run(overrides: list[str], steps: int, rounds: int, profile: int = 0) -> dict
             from torch.profiler import ProfilerActivity
             from torch.profiler import profile as torch_profile
 
-            name = "both + fused projections (train.fuse_projections)"
+            name = OUR_LOOP
             print(f"profile of {name!r}, {profile} steps:")
             with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(profile):
@@ -137,15 +137,20 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="steps per variant per round")
     p.add_argument("--rounds", type=int, default=4, help="rounds (the first is warm-up)")
     p.add_argument("--readme", type=Path, help="also write the table between this file's "
-                                               "<!-- ratios:ablation:begin/end --> markers")
+                                               "<!-- ratios:BLOCK:begin/end --> markers")
     p.add_argument("--block", default="ablation",
-                   help="with --readme: the markers <!-- ratios:BLOCK:begin/end --> (default ablation)")
+                   help="with --readme: the markers' BLOCK (default ablation; this project's README keeps one "
+                        "block per CPU: ablation_xeon, ablation_epyc)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="then profile this many steps of our loop with torch.profiler and print the top operators")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     if a.rounds < 2 or a.steps < 1:
         p.error("--rounds: at least 2 (the first is warm-up); --steps: at least 1")
+    if a.readme:
+        from bench.__main__ import check_block
+
+        check_block(p, a.readme, a.block)
     rates = run(a.overrides, a.steps, a.rounds, a.profile)
     text = table(rates, variants(), " ".join(["python -m bench.ablate", f"--steps {a.steps}",
                                               f"--rounds {a.rounds}", *a.overrides]))

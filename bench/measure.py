@@ -78,7 +78,7 @@ def summarize(per_trial: dict[str, list[dict[str, float]]], reference: str = "hf
 TARGETS = {  # what the benchmark is held to (README "Speed"); checked, never asserted in tests
     "train tokens/s vs Trainer": (">=", 1.5),
     "peak RSS vs Trainer": ("<=", 1.0),
-    "MFU (fp32, of measured GEMM peak)": (">=", 0.5),
+    "MFU (fp32, of measured GEMM peak)": (">=", 0.55),  # 0.5 until the Xeon study of fused projections
     "eval generation share of trial wall": ("<=", 0.25),
     "sweep overhead share of trial wall": ("<=", 0.05),
 }

@@ -18,7 +18,7 @@ within float tolerance (tested); layers peft adapts in other ways (dropout, DoRA
 quantized bases, merged or disabled adapters) always take peft's forward.
 
 Measured with ``python -m bench.ablate`` (README, Speed): 1.10x our loop's tokens/s on an Intel Xeon
-with AVX-512, nothing gained or lost on an AMD EPYC with AVX2. Layers that share their input with no
+with AVX-512; nothing gained or lost on an AMD EPYC with AVX2 (before the addmm and the buffer). Layers that share their input with no
 other (o_proj, down_proj) were also tried as groups of one, for the single addmm alone: no gain
 measured (1.09x against 1.10x), so they keep peft's forward.
 """
@@ -103,6 +103,8 @@ class Group:
         rows, else a concatenated copy; rebuilt only when a weight or bias changed."""
         bases = [m.base_layer for m in self.members]
         adopted = self._adopted()
+        if not adopted:
+            self._buf = None  # a weight was replaced (a safe merge, a cast): the buffer would be a dead copy
         weights = "adopted" if adopted else tuple((b.weight.data_ptr(), b.weight._version) for b in bases)
         key = (weights, tuple(None if b.bias is None else (b.bias.data_ptr(), b.bias._version) for b in bases))
         if key != self._wkey:

@@ -277,11 +277,21 @@ def _trainable(t: Trial, net: Any, inputs: Inputs) -> Any:
 
 
 def _train(t: Trial, net: Any, inputs: Inputs) -> Any:
+    signal = _signal(t, net, inputs)
+    fused = _fuse(t, net, inputs)
+    try:
+        return _train_loop(t, net, inputs, signal)
+    finally:
+        if fused is not None:
+            # groups whose input turned out not to be shared ran peft's forward from then on
+            t.run["fused_projections"]["fell_back"] = sum(g.broken for g in fused.groups)
+            fused.remove()  # evaluation runs peft's own layers, as deployed
+
+
+def _train_loop(t: Trial, net: Any, inputs: Inputs, signal: Any) -> Any:
     from src import loop
 
     cfg = t.cfg
-    signal = _signal(t, net, inputs)
-    fused = _fuse(t, net, inputs)
     with open(t.trial_dir / results.TRAIN_LOG, "w") as train_log, _profiling(t) as profiled:
         def on_step(step: int) -> bool:
             stop = False
@@ -312,8 +322,6 @@ def _train(t: Trial, net: Any, inputs: Inputs) -> Any:
             profiled.done = stats.steps  # a step the time budget ended was trained, though not hooked
     t.artifacts["train_log"] = results.TRAIN_LOG
     t.run["stopped_by"] = stats.stopped_by
-    if fused is not None:
-        fused.remove()  # evaluation runs peft's own layers, as deployed
     return stats
 
 

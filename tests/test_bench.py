@@ -117,14 +117,14 @@ def test_ablation_prints_every_variant_against_the_plain_path(data_root, cache_d
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "x plain" not in line]
-    from bench.ablate import BF16_MATMUL, VARIANTS, variants
+    from bench.ablate import BF16_MATMUL, OUR_LOOP, VARIANTS, variants
 
     names = [r.split(" | ")[0].lstrip("| ") for r in rows]
     assert names == list(variants()) and names[:len(VARIANTS)] == list(VARIANTS)
     flags = hw.probe()["flags"]
     assert (BF16_MATMUL in names) == bool(flags["amx_bf16"] or flags["avx512_bf16"])  # only where bf16 is native
     assert " | 1.00x | " in rows[0]  # x plain
-    ours = next(r for r in rows if r.startswith("| both (our loop) |"))
+    ours = next(r for r in rows if r.startswith(f"| {OUR_LOOP} |"))
     assert ours.endswith("| 1.00x |")  # x our loop
     assert "aten::mm" in proc.stdout and "Self CPU" in proc.stdout  # the profile of our loop's step
 
@@ -216,10 +216,21 @@ def test_ablation_ratios_pair_the_steps_of_variants_that_train_on_the_same_batch
     step-by-step ratios; variants whose batches differ from our loop's get the ratio of medians."""
     from bench.ablate import OUR_LOOP, Variant, table
 
-    todo = {"plain": Variant(False, False), OUR_LOOP: Variant(True, True), "fused": Variant(True, True, "all")}
+    todo = {"plain": Variant(False, False), OUR_LOOP: Variant(True, True), "fused": Variant(True, True, True)}
     rates = {"plain": [50.0, 100.0, 150.0], OUR_LOOP: [100.0, 200.0, 300.0], "fused": [110.0, 220.0, 150.0]}
     rows = {r.split(" | ")[0].lstrip("| "): r.split(" | ") for r in table(rates, todo, "cmd").splitlines()
             if r.startswith("| ") and "x plain" not in r}
     assert rows["fused"][4] == "1.10x |"           # paired: 1.1, 1.1, 0.5 (the ratio of medians: 0.75)
     assert rows[OUR_LOOP][3] == "2.00x"            # against plain, other batches: 200 / 100
     assert rows["fused"][1:3] == ["150.0", "110-220"]
+
+
+@pytest.mark.parametrize("module", ["bench", "bench.ablate"])
+def test_a_readme_block_that_does_not_exist_is_named_before_any_measuring(tmp_path, module):
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- ratios:speed_xeon:begin -->\n<!-- ratios:speed_xeon:end -->\n")
+    proc = subprocess.run([sys.executable, "-m", module, "--readme", str(readme), "--block", "speed_arm"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "<!-- ratios:speed_arm:begin -->" in proc.stderr and "its named blocks: speed_xeon" in proc.stderr
+    assert "Traceback" not in proc.stderr and readme.read_text().count("speed_xeon") == 2

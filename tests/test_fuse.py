@@ -127,3 +127,33 @@ def test_merged_adapters_take_pefts_forward():
         assert not any(g.active() for g in fused.groups)
         merged = net(**batch).logits
     torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-5)
+
+
+def test_under_bf16_autocast_the_fused_groups_give_pefts_loss_and_gradients():
+    """cpu.dtype=bf16 trains under autocast: the fused products run in bf16 as peft's do, so the two
+    agree to bf16's precision, and every group ran fused (none fell back)."""
+    net, batch = _model(), _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss, ref_grads = _loss_and_grads(net, batch)
+        fused = fuse.apply(net, _probe())
+        loss, grads = _loss_and_grads(net, batch)
+    assert fused.groups and not any(g.broken for g in fused.groups)
+    assert loss == pytest.approx(ref_loss, rel=2e-2)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=5e-2, atol=2e-2, msg=name)
+
+
+def test_a_weight_replaced_after_fusing_is_read_from_its_new_tensor_and_the_buffer_let_go():
+    """A safe merge or a cast gives a layer a new weight tensor: the group then concatenates the current
+    weights (the right result) and drops the buffer it no longer reads."""
+    net, batch = _model(), _batch()
+    fused = fuse.apply(net, _probe())
+    group = fused.groups[0]
+    assert group._buf is not None
+    k = group.members[1].base_layer
+    with torch.no_grad():
+        k.weight.data = k.weight.detach().clone() * 2  # a new tensor, no longer a row of the buffer
+    loss = _loss_and_grads(net, batch)[0]
+    assert group._buf is None and not group.broken
+    fused.enabled = False
+    assert _loss_and_grads(net, batch)[0] == pytest.approx(loss, rel=1e-6)  # peft's forward, same weights
