@@ -10,13 +10,14 @@ on a CPU with bf16 matrix units (AMX or AVX512-BF16), the fp32 products run by o
 (``torch.backends.mkldnn.matmul.fp32_precision="bf16"``: not the same arithmetic, shown for scale, not
 offered as a setting). Each round runs ``--steps`` optimizer steps of every variant in turn on the same
 LoRA model; the first round is warm-up. Printed: real tokens/s per variant (median of steps) and its
-ratio to the plain variant and to our loop. The process's own threads and allocator are used (start it
-with LD_PRELOAD to compare one).
+ratio to the plain variant and to our loop. The process's own threads and allocator are used: start it
+with ``LD_PRELOAD=<libtcmalloc.so>`` to measure what a trial's worker runs (cpu.allocator=auto).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -116,7 +117,7 @@ def paired(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
-def table(rates: dict[str, list[float]], todo: dict[str, Variant], command: str) -> str:
+def table(rates: dict[str, list[float]], todo: dict[str, Variant], command: str, allocator: str = "system") -> str:
     ref_name = next(iter(rates))
     ref, ours = statistics.median(rates[ref_name]), statistics.median(rates[OUR_LOOP])
     lines = ["| variant | real tokens/s (median) | min-max | x plain | x our loop |", "|---|---|---|---|---|"]
@@ -127,8 +128,9 @@ def table(rates: dict[str, list[float]], todo: dict[str, Variant], command: str)
         vs_ref = paired(values, rates[ref_name]) if todo[name].grouped == todo[ref_name].grouped else med / ref
         lines.append(f"| {name} | {med:.1f} | {min(values):.0f}-{max(values):.0f} | {vs_ref:.2f}x | {vs_ours:.2f}x |")
     n = len(rates[OUR_LOOP])
-    return "\n".join([*lines, "", f"({n} steps per variant after warm-up; a ratio between variants with the same "
-                                  f"batches is the median of their step-by-step ratios: `{command}`)"])
+    return "\n".join([*lines, "", f"({n} steps per variant after warm-up, {allocator} malloc; a ratio between "
+                                  "variants with the same batches is the median of their step-by-step ratios: "
+                                  f"`{command}`)"])
 
 
 def main() -> None:
@@ -152,8 +154,14 @@ def main() -> None:
 
         check_block(p, a.readme, a.block)
     rates = run(a.overrides, a.steps, a.rounds, a.profile)
-    text = table(rates, variants(), " ".join(["python -m bench.ablate", f"--steps {a.steps}",
-                                              f"--rounds {a.rounds}", *a.overrides]))
+    from src import hw
+
+    # the allocator is the process's own: a trial's worker preloads tcmalloc (cpu.allocator=auto), and
+    # glibc's malloc made each elementwise op here 2-4x slower, so say which one ran and how
+    preload = os.environ.get("LD_PRELOAD")
+    command = " ".join([*([f"LD_PRELOAD={preload}"] if preload else []), "python -m bench.ablate",
+                        f"--steps {a.steps}", f"--rounds {a.rounds}", *a.overrides])
+    text = table(rates, variants(), command, hw.allocator_in_effect())
     print(text)
     if a.readme:
         from analysis.ratios import replace_block

@@ -17,10 +17,12 @@ weight a view of its rows, so the group's product needs no copy of them. The res
 within float tolerance (tested); layers peft adapts in other ways (dropout, DoRA and other variants,
 quantized bases, merged or disabled adapters) always take peft's forward.
 
-Measured with ``python -m bench.ablate`` (README, Speed): 1.10x our loop's tokens/s on an Intel Xeon
-with AVX-512; nothing gained or lost on an AMD EPYC with AVX2 (before the addmm and the buffer). Layers that share their input with no
-other (o_proj, down_proj) were also tried as groups of one, for the single addmm alone: no gain
-measured (1.09x against 1.10x), so they keep peft's forward.
+Measured with ``python -m bench.ablate`` (README, Speed), against peft's layers: 1.15x the tokens/s
+on an Intel Xeon with AVX-512 under tcmalloc (as trials run), 1.05x and 1.10x under glibc; nothing
+gained or lost on an AMD EPYC with AVX2 (before the addmm and the buffer). Layers that share their
+input with no other (o_proj, down_proj) were also tried as groups of one, for the single addmm
+alone: no gain measured (1.09x against 1.10x for the shared groups alone, in one run under glibc),
+so they keep peft's forward.
 """
 
 from __future__ import annotations

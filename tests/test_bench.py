@@ -223,6 +223,7 @@ def test_ablation_ratios_pair_the_steps_of_variants_that_train_on_the_same_batch
     assert rows["fused"][4] == "1.10x |"           # paired: 1.1, 1.1, 0.5 (the ratio of medians: 0.75)
     assert rows[OUR_LOOP][3] == "2.00x"            # against plain, other batches: 200 / 100
     assert rows["fused"][1:3] == ["150.0", "110-220"]
+    assert "3 steps per variant after warm-up, system malloc" in table(rates, todo, "cmd")
 
 
 @pytest.mark.parametrize("module", ["bench", "bench.ablate"])
