@@ -40,8 +40,8 @@ GEMM_PROCESSES, GEMM_REPS = 3, 40
 
 def gemm(threads: int, processes: int = GEMM_PROCESSES, reps: int = GEMM_REPS) -> list[dict[str, Any]]:
     """The GEMM peak measured in ``processes`` fresh processes, one after the other. On a shared VM one
-    process's best product moved by up to 25% between runs (a neighbour's burst lasts longer than 10
-    products); the best of several processes of 40 products each stayed within a few percent."""
+    process's best product ranged from 242 to 350 GFLOP/s within half an hour (a neighbour's burst can
+    outlast a whole process), so no single process sets the peak."""
     runs = []
     for _ in range(processes):
         out = subprocess.run([sys.executable, "-m", "bench.gemm", "--threads", str(threads), "--reps", str(reps)],
