@@ -97,13 +97,19 @@ def table(records: list[dict[str, Any]], keys: Sequence[str], reference: dict[st
     return "\n".join(lines)
 
 
-def replace_block(text: str, table_text: str, block: str | None = None) -> str:
-    """Put ``table_text`` between the (named) ratio markers of a document, keeping everything else."""
+def check_block(text: str, block: str | None = None) -> None:
+    """The document has the (named) ratio markers; else a ValueError that names the blocks it has."""
     begin, end = markers(block)
     if begin not in text or end not in text:
         found = sorted(set(re.findall(r"<!-- ratios:([\w-]+):begin -->", text)))
         raise ValueError(f"the document has no {begin} ... {end} markers to write the table between"
                          + (f" (its named blocks: {', '.join(found)})" if found else ""))
+
+
+def replace_block(text: str, table_text: str, block: str | None = None) -> str:
+    """Put ``table_text`` between the (named) ratio markers of a document, keeping everything else."""
+    check_block(text, block)
+    begin, end = markers(block)
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     return f"{head}{begin}\n{table_text}\n{end}{tail}"

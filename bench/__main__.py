@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import measure
+from bench import check_readme_block, measure
 from src import cpu, hw, results
 from src.config import compose
 from src.paths import PROJECT_ROOT
@@ -183,16 +183,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "machine"
 
 
-def check_block(p: argparse.ArgumentParser, readme: Path, block: str) -> None:
-    """The README block exists, said before the half hour of measuring rather than after it."""
-    from analysis.ratios import replace_block
-
-    try:
-        replace_block(readme.read_text(), "", block)
-    except (OSError, ValueError) as exc:
-        p.error(f"--readme {readme} --block {block}: {exc}")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.pairs < 1:
         p.error("--pairs: give at least 1 (5 or more for numbers worth quoting)")
     if a.readme:
-        check_block(p, a.readme, a.block)
+        check_readme_block(p, a.readme, a.block)
     machine = hw.probe()
     invocation = " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)])
     if a.from_dir:

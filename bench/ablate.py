@@ -57,12 +57,12 @@ def variants() -> dict[str, Variant]:
     return {**VARIANTS, **extra}
 
 
-def run(overrides: list[str], steps: int, rounds: int, profile: int = 0) -> dict[str, list[float]]:
+def run(todo: dict[str, Variant], overrides: list[str], steps: int, rounds: int,
+        profile: int = 0) -> dict[str, list[float]]:
     import torch
 
     from src import adapters, fuse, loop
 
-    todo = variants()
     cfg = compose(["logger=none", *overrides])
     tok, net, _, _, examples, _ = load(cfg)
     net = adapters.attach(net, cfg, steps * rounds * len(todo))  # the trial's own adapter set-up
@@ -150,10 +150,11 @@ def main() -> None:
     if a.rounds < 2 or a.steps < 1:
         p.error("--rounds: at least 2 (the first is warm-up); --steps: at least 1")
     if a.readme:
-        from bench.__main__ import check_block
+        from bench import check_readme_block
 
-        check_block(p, a.readme, a.block)
-    rates = run(a.overrides, a.steps, a.rounds, a.profile)
+        check_readme_block(p, a.readme, a.block)
+    todo = variants()
+    rates = run(todo, a.overrides, a.steps, a.rounds, a.profile)
     from src import hw
 
     # the allocator is the process's own: a trial's worker preloads tcmalloc (cpu.allocator=auto), and
@@ -161,7 +162,7 @@ def main() -> None:
     preload = os.environ.get("LD_PRELOAD")
     command = " ".join([*([f"LD_PRELOAD={preload}"] if preload else []), "python -m bench.ablate",
                         f"--steps {a.steps}", f"--rounds {a.rounds}", *a.overrides])
-    text = table(rates, variants(), command, hw.allocator_in_effect())
+    text = table(rates, todo, command, hw.allocator_in_effect())
     print(text)
     if a.readme:
         from analysis.ratios import replace_block

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -77,6 +78,16 @@ def save_tiny_model(folder: Path, cache_dir: Path, **shape: int) -> Path:
                seed=0).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def wait_for_training(trial_dir: Path, timeout_s: float) -> None:
+    """Return once the trial has logged a training step (its worker is mid-trial, not starting): a signal
+    sent now lands while it trains, however fast the machine trains the tiny model."""
+    deadline = time.monotonic() + timeout_s
+    log = trial_dir / "train_log.jsonl"
+    while time.monotonic() < deadline and not (log.exists() and log.stat().st_size > 0):
+        time.sleep(0.05)
+    assert log.exists() and log.stat().st_size > 0, f"{trial_dir}: no training step logged"
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

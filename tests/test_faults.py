@@ -17,7 +17,7 @@ import optuna
 import pytest
 
 from src.sweeper import study as S
-from tests.conftest import TINY
+from tests.conftest import TINY, wait_for_training
 
 # A model too big for the memory limit below (about 1.5 GB of fp32 weights), and a limit that still
 # lets the worker import torch and transformers.
@@ -93,17 +93,6 @@ def _worker_pid(trial_dir: Path, timeout_s: float = 120) -> int:
     raise AssertionError("the worker never started")
 
 
-def _training(trial_dir: Path, timeout_s: float = 300) -> None:
-    """Returns once the worker's progress bar shows a finished training step."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            if re.search(r"train:.*\| *[1-9]\d*/\d+ \[", (trial_dir / "worker.log").read_text(errors="replace")):
-                return
-        time.sleep(0.05)
-    raise AssertionError("the worker never started training")
-
-
 def test_a_worker_killed_by_sigkill_is_a_failed_trial_and_the_next_runs(tmp_path, data_root, cache_dir):
     """The kill lands while the first trial trains: the tiny model trains 100 steps a second, so a fixed
     sleep could miss it; here the steps are unbounded and a time budget ends the second, healthy trial."""
@@ -115,7 +104,7 @@ def test_a_worker_killed_by_sigkill_is_a_failed_trial_and_the_next_runs(tmp_path
                             text=True)
     try:
         pid = _worker_pid((sweep / "0").resolve())
-        _training((sweep / "0").resolve())
+        wait_for_training((sweep / "0").resolve(), timeout_s=300)
         os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=600)
     finally:
@@ -291,7 +280,7 @@ def test_a_sweep_killed_mid_trial_resumes_with_the_same_command(tmp_path, data_r
     try:
         worker = _worker_pid((sweep / "1").resolve(), timeout_s=300)
         first = (sweep / "0" / "result.json").read_bytes()
-        _training((sweep / "1").resolve())
+        wait_for_training((sweep / "1").resolve(), timeout_s=300)
         proc.send_signal(sig)
         proc.communicate(timeout=120)
     finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from src import runtime
-from tests.conftest import TINY
+from tests.conftest import TINY, wait_for_training
 
 pytestmark = pytest.mark.slow
 
@@ -40,15 +40,6 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
-
-
-def _training(trial_dir: Path, timeout_s: float = 120) -> None:
-    """Wait until the trial has logged a training step (its worker is mid-trial, not starting)."""
-    deadline = time.monotonic() + timeout_s
-    log = trial_dir / "train_log.jsonl"
-    while time.monotonic() < deadline and not (log.exists() and log.stat().st_size > 0):
-        time.sleep(0.1)
-    assert log.exists(), f"{trial_dir}: no training step logged"
 
 
 def _pids(trial_dir: Path, timeout_s: float = 120) -> tuple[int, int | None]:
@@ -103,7 +94,7 @@ def test_a_warm_worker_killed_mid_trial_fails_that_trial_and_the_next_gets_a_new
     try:
         worker, warm = _pids(tmp_path / "sweep" / "0")
         assert warm is not None
-        _training(tmp_path / "sweep" / "0")
+        wait_for_training(tmp_path / "sweep" / "0", timeout_s=120)
         os.kill(warm, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while _alive(worker) and time.monotonic() < deadline:
@@ -125,7 +116,7 @@ def test_a_sweep_killed_by_sigkill_leaves_neither_warm_worker_nor_trial_running(
                             cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         worker, warm = _pids(tmp_path / "sweep" / "0")
-        _training(tmp_path / "sweep" / "0")
+        wait_for_training(tmp_path / "sweep" / "0", timeout_s=120)
         proc.kill()
         proc.wait(timeout=30)
     finally:
