@@ -60,6 +60,11 @@ def rows(records: list[tuple[dict[str, Any], Path]], gemm_gflops: float | None) 
             return statistics.median(float(r[where][key]) for r, _ in members)
 
         peaks = [float(r["metrics"][M.COST_PEAK_RSS_MB]) for r, _ in members]
+        # the peak while training, where the records have it (older ones do not): what the plan models,
+        # without the checkpoint's file pages that loading maps (src/cost.py PhasePeaks)
+        train_peaks = [float(r["metrics"][M.COST_TRAIN_PEAK_RSS_MB]) for r, _ in members
+                       if M.COST_TRAIN_PEAK_RSS_MB in r["metrics"]]
+        train_peaks = train_peaks if len(train_peaks) == len(members) else []
 
         out.append({
             # as the architecture has them (a packed 4-bit layer's own count is not)
@@ -68,16 +73,23 @@ def rows(records: list[tuple[dict[str, Any], Path]], gemm_gflops: float | None) 
             "tokens_per_s_range": [min(speeds), max(speeds)] if speeds else None,
             "planned_tokens_per_s": planned.tokens_per_s, "peak_rss_mb": median(M.COST_PEAK_RSS_MB),
             "peak_rss_mb_range": [min(peaks), max(peaks)],
+            "train_peak_rss_mb": statistics.median(train_peaks) if train_peaks else None,
+            "train_peak_rss_mb_range": [min(train_peaks), max(train_peaks)] if train_peaks else None,
             "planned_peak_rss_mb": planned.peak_rss_mb, "load_s": median("load_s", "timings"),
             "adapter_mb": median(M.COST_ADAPTER_MB), "synthetic": "synthetic" in members[0][0]["run"]["model"],
             "busy": not quiet,
         })
     order = {"fp32": 0}
     out.sort(key=lambda r: (r["params_b"], order.get(r["backend"], 1), r["backend"]))
-    fp32 = {r["model"]: r["peak_rss_mb"] for r in out if r["backend"] == "fp32"}
+    fp32 = {r["model"]: compared_peak(r) for r in out if r["backend"] == "fp32"}
     for r in out:
-        r["rss_vs_fp32"] = r["peak_rss_mb"] / fp32[r["model"]] if r["model"] in fp32 else None
+        r["rss_vs_fp32"] = compared_peak(r) / fp32[r["model"]] if r["model"] in fp32 else None
     return out
+
+
+def compared_peak(row: dict[str, Any]) -> float:
+    """The peak a row is compared on (with fp32 and with the plan): training's where it was measured."""
+    return float(row["train_peak_rss_mb"] if row.get("train_peak_rss_mb") is not None else row["peak_rss_mb"])
 
 
 def _spread(row: dict[str, Any], key: str, fmt: str) -> str:
@@ -93,6 +105,12 @@ def _ratio(measured: float | None, planned: float | None) -> str:
     return f"{planned:.3g} ({planned / measured:.2f}x)"
 
 
+def _train_peak(row: dict[str, Any]) -> str:
+    if row.get("train_peak_rss_mb") is None:
+        return "- | "
+    return f"{row['train_peak_rss_mb']:.0f}{_spread(row, 'train_peak_rss_mb_range', '{:.0f}')} | "
+
+
 def table(rs: list[dict[str, Any]], gemm_gflops: float | None, machine: str) -> str:
     """Markdown: the measured numbers with the plan beside (planned / measured in brackets)."""
     head = [f"Measured on {machine}" + (f", fp32 GEMM peak {gemm_gflops:.0f} GFLOP/s" if gemm_gflops else "") + "."]
@@ -100,8 +118,13 @@ def table(rs: list[dict[str, Any]], gemm_gflops: float | None, machine: str) -> 
         head.append(SYNTHETIC_BANNER)
     if any(r["busy"] for r in rs):
         head.append("Rows marked busy were measured while other processes used the CPU (their speed is low).")
-    lines = ["| model | parameters | backend | trials | training tokens/s | planned | peak RSS MB | vs fp32 | "
-             "planned | load s | adapter MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    by_phase = any(r.get("train_peak_rss_mb") is not None for r in rs)
+    if by_phase:
+        head.append("Peak RSS is the trial's whole; training's own peak (without the checkpoint's pages that "
+                    "loading maps) is what vs fp32 and the plan compare.")
+    lines = ["| model | parameters | backend | trials | training tokens/s | planned | peak RSS MB | "
+             + ("training peak MB | " if by_phase else "") + "vs fp32 | planned | load s | adapter MB |",
+             "|---|---|---|---|---|---|---|" + ("---|" if by_phase else "") + "---|---|---|---|"]
     if any(r["n"] > 1 for r in rs):
         head.append("With several trials: their median, and their lowest and highest in brackets.")
     for r in rs:
@@ -111,7 +134,7 @@ def table(rs: list[dict[str, Any]], gemm_gflops: float | None, machine: str) -> 
         trials = f"{r['n']} (busy)" if r["busy"] else str(r["n"])
         lines.append(f"| {r['model']} | {r['params_b']:.2f}B | {r['backend']} | {trials} | {speed} | "
                      f"{_ratio(r['tokens_per_s'], r['planned_tokens_per_s'])} | {r['peak_rss_mb']:.0f}"
-                     f"{_spread(r, 'peak_rss_mb_range', '{:.0f}')} | {vs} | "
-                     f"{_ratio(r['peak_rss_mb'], r['planned_peak_rss_mb'])} | {r['load_s']:.1f} | "
+                     f"{_spread(r, 'peak_rss_mb_range', '{:.0f}')} | " + (_train_peak(r) if by_phase else "")
+                     + f"{vs} | {_ratio(compared_peak(r), r['planned_peak_rss_mb'])} | {r['load_s']:.1f} | "
                      f"{r['adapter_mb']:.1f} |")
     return "\n\n".join([" ".join(head), "\n".join(lines)])

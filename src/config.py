@@ -19,7 +19,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from src import adapters, cpu, quant
+from src import adapters, cost, cpu, quant
 from src import metrics as M
 from src.paths import PROJECT_ROOT, package_dir
 from src.redact import mask_url
@@ -605,6 +605,9 @@ def _check_objectives(cfg: DictConfig, errors: list[str]) -> None:
         elif name not in measured:
             errors.append(f"objectives: '{name}' is not measured with eval.metrics={given}; "
                           "add its metric family to eval.metrics")
+        elif name == M.COST_TRAIN_PEAK_RSS_MB and not cost.peak_resettable():
+            errors.append(f"objectives: '{name}' needs a kernel that lets a process reset its peak RSS "
+                          f"(/proc/self/clear_refs is not writable here); use '{M.COST_PEAK_RSS_MB}'")
 
 
 _OMP_BIND = ("true", "false", "close", "spread", "master", "primary")

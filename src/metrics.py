@@ -27,6 +27,10 @@ COST_OTHERS_CPU_SHARE = "cost/others_cpu_share"
 COST_EVAL_S = "cost/eval_s"
 COST_TOTAL_S = "cost/total_s"
 COST_PEAK_RSS_MB = "cost/peak_rss_mb"
+# The peak while the adapter is attached and trained, without loading's: a safetensors checkpoint's
+# mapped pages count in RSS until the loader closes its files, and on a quantized model they can be
+# the trial's peak (src/cost.py PhasePeaks). Absent where the kernel cannot reset the peak.
+COST_TRAIN_PEAK_RSS_MB = "cost/train_peak_rss_mb"
 COST_USD = "cost/usd"
 COST_ENERGY_WH = "cost/energy_wh"
 COST_ADAPTER_MB = "cost/adapter_mb"
@@ -43,7 +47,7 @@ QUALITY = (EVAL_LOSS, *EVAL_ROUGE, EVAL_BERTSCORE_F1)
 ALWAYS = (
     TRAIN_LOSS, TRAIN_TOKENS_PER_S, TRAIN_STEPS, TRAIN_TOKENS, TRAIN_PARAMS,
     COST_TRAIN_S, COST_EVAL_S, COST_TOTAL_S, COST_PEAK_RSS_MB, COST_USD, COST_ENERGY_WH, COST_ADAPTER_MB,
-    COST_TRAIN_S_ROBUST,
+    COST_TRAIN_S_ROBUST, COST_TRAIN_PEAK_RSS_MB,
 )
 ALL = frozenset((*ALWAYS, *QUALITY, EVAL_GEN_TOKENS_PER_S))
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from src import cost as C
 from src import metrics as M
 from src import redact, results
 from src.results import TrialResult
@@ -51,6 +52,7 @@ class Trial:
     run: dict[str, Any] = field(default_factory=dict)        # model facts, baseline source, quant, how it stopped
     cpu: dict[str, Any] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
+    peaks: C.PhasePeaks = field(default_factory=C.PhasePeaks)  # created with the trial: its first phase starts
 
     @contextlib.contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -165,15 +167,18 @@ def run(t: Trial) -> str:
         _apply_cpu(t)
     _seed(t.cfg.train.seed)
     net, inputs = _load(t)
+    t.peaks.end("load")  # a checkpoint's mapped pages count here, until the loader closes its files
     synthetic = str(t.cfg.model.source) == "synthetic"
     if not synthetic:  # random weights have no quality to compare against
         _untuned_baseline(t, net, inputs)
+        t.peaks.end("baseline")
     meter = cost.EnergyMeter.start()  # the trial's own cost starts here: the baseline is shared
     _seed(t.cfg.train.seed)
     with t.timed("setup"):  # attaching the adapter
         net = _trainable(t, net, inputs)
     with interference.Sampler() as sampler:  # its first and last snapshots enclose training
         stats = _train(t, net, inputs)
+    t.peaks.end("train")  # attaching the adapter and training
     if stats.stopped_by == "pruned":  # the study's pruner stopped it: what it cost so far, no evaluation
         _account(t, stats, {}, 0.0, meter)
         return "pruned"
@@ -183,11 +188,13 @@ def run(t: Trial) -> str:
     if synthetic:  # its summaries would be noise: speed and memory are what it measures
         t.run["eval_model"] = f"not evaluated ({model.SYNTHETIC_NOTE})"
         t.cost_info["interference"] = _interference(stats, sampler.samples)
+        t.peaks.end("eval")  # saving the adapter
         _account(t, stats, {}, 0.0, meter)
         return "completed"
     before_eval = interference.snapshot()
     scores, eval_s = _evaluate(t, net, inputs)
     after_eval = interference.snapshot()
+    t.peaks.end("eval")  # saving the adapter, merging it and evaluating
     t.cost_info["interference"] = _interference(stats, sampler.samples, before_eval, after_eval)
     _account(t, stats, scores, eval_s, meter)
     return "completed"
@@ -540,9 +547,12 @@ def _account(t: Trial, stats: Any, scores: dict[str, float], eval_s: float, mete
         **scores,
         M.COST_TRAIN_S: stats.train_s, M.COST_EVAL_S: eval_s, M.COST_TOTAL_S: total_s,
         M.COST_TRAIN_S_ROBUST: interference.robust_train_s(stats.step_s, stats.step_tokens, quiet) or stats.train_s,
-        M.COST_PEAK_RSS_MB: cost.peak_rss_mb(), M.COST_ADAPTER_MB: cost.dir_size_mb(t.trial_dir / ADAPTER_DIR),
+        M.COST_PEAK_RSS_MB: t.peaks.peak_mb(), M.COST_ADAPTER_MB: cost.dir_size_mb(t.trial_dir / ADAPTER_DIR),
         **money,
     }
+    t.cost_info["peak_rss_mb_by_phase"] = t.peaks.describe()
+    if t.peaks.per_phase:
+        t.metrics[M.COST_TRAIN_PEAK_RSS_MB] = t.peaks.phases["train"]
     share = t.cost_info.get("interference", {}).get("others_cpu_share")
     if share is not None:
         t.metrics[M.COST_OTHERS_CPU_SHARE] = share

@@ -122,6 +122,17 @@ def test_out_of_range_values_are_rejected_with_the_key(cfg_factory, override, fr
     assert fragment in str(err.value)
 
 
+def test_the_training_peak_is_an_objective_only_where_the_kernel_can_reset_the_peak(cfg_factory, tmp_path,
+                                                                                        monkeypatch):
+    from src import cost
+
+    objective = "objectives=[{name: cost/train_peak_rss_mb, direction: minimize}]"
+    validate(cfg_factory(objective))  # Linux: a process may reset its own peak
+    monkeypatch.setattr(cost, "_CLEAR_REFS", tmp_path / "missing" / "clear_refs")
+    with pytest.raises(ConfigError, match="clear_refs is not writable here.*use 'cost/peak_rss_mb'"):
+        validate(cfg_factory(objective))
+
+
 def test_all_problems_are_reported_at_once(cfg_factory):
     with pytest.raises(ConfigError) as err:
         validate(cfg_factory("lora.r=-1", "train.lr=0", "eval.batch_size=0"))

@@ -105,6 +105,31 @@ def test_no_rapl_means_no_measurement(tmp_path, monkeypatch):
     assert cost.EnergyMeter.start().stop_wh() is None
 
 
+def test_each_phase_has_its_own_peak_and_the_trial_keeps_the_highest():
+    meter = cost.PhasePeaks()
+    assert meter.per_phase  # Linux lets a process reset its own high-water mark
+    held = torch.ones(300 * 2**20 // 4)  # 300 MB, every page touched
+    del held  # freed before the phase ends: the next phase starts from what is held then
+    meter.end("load")
+    small = torch.ones(50 * 2**20 // 4)
+    del small
+    meter.end("train")
+    load, train = meter.phases["load"], meter.phases["train"]
+    assert load - train > 200, meter.phases  # the 300 MB were load's alone
+    assert meter.peak_mb() == load and meter.describe() == {"per_phase": True, "phases": meter.phases}
+
+
+def test_without_a_resettable_peak_only_the_whole_peak_is_reported(tmp_path, monkeypatch):
+    # a kernel (or sandbox) that refuses /proc/self/clear_refs: no per-phase peaks, never a made-up one
+    monkeypatch.setattr(cost, "_CLEAR_REFS", tmp_path / "missing" / "clear_refs")
+    assert not cost.peak_resettable()
+    meter = cost.PhasePeaks()
+    meter.end("load")
+    meter.end("train")
+    assert meter.describe() == {"per_phase": False, "phases": {}}
+    assert meter.peak_mb() >= cost.peak_rss_mb() - 1
+
+
 def test_gains_are_trained_minus_untuned():
     metrics = {"eval/rougeL": 0.30, "eval/loss": 2.0, "cost/train_s": 9.0}
     base = {"baseline/rougeL": 0.10, "baseline/loss": 3.0}

@@ -74,6 +74,11 @@ def test_a_synthetic_trial_measures_speed_and_memory_only(tmp_path, data_root, c
     assert "baseline" not in record["run"] and "baseline_s" not in record["timings"]
     assert set(record["objectives"]) == {"train/tokens_per_s", "cost/peak_rss_mb"}
     assert record["metrics"]["train/tokens_per_s"] > 0 and record["metrics"]["cost/adapter_mb"] > 0
+    # each phase's own peak; the trial's is the highest of them (loading maps the checkpoint's pages)
+    by_phase = record["cost_info"]["peak_rss_mb_by_phase"]
+    assert by_phase["per_phase"] and set(by_phase["phases"]) == {"load", "train", "eval"}
+    assert record["metrics"]["cost/peak_rss_mb"] == max(by_phase["phases"].values())
+    assert record["metrics"]["cost/train_peak_rss_mb"] == by_phase["phases"]["train"]
     assert record["run"]["quant"]["quantized_layers"] == {"Linear4bit": 4 * 7}
     # the report says so, and draws its front on speed and memory: no quality axis exists
     assert analysis_main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report"), "--no-png"]) == 0
@@ -116,3 +121,9 @@ def test_the_scaling_table_shows_the_spread_of_repeated_trials():
     assert "| 2 | 57.5 [55.1-59.9] | 50 (0.87x) | 6677 [6650-6704] | 1.00x |" in text
     assert "| 1 | 57.5 | 50 (0.87x) | 6677 | 1.00x |" in text  # one trial: no spread to show
     assert "lowest and highest in brackets" in text
+    # records with training's own peak: a column of its own, and what vs fp32 and the plan compare
+    trained = {**row, "train_peak_rss_mb": 6000.0, "train_peak_rss_mb_range": [5990.0, 6010.0]}
+    text = scaling.table([trained, {**trained, "n": 1, "backend": "bnb nf4", "train_peak_rss_mb": 3000.0,
+                                    "rss_vs_fp32": 0.5}], 335.0, "a CPU")
+    assert "| 6677 [6650-6704] | 6000 [5990-6010] | 1.00x | 6.9e+03 (1.15x) |" in text
+    assert "| 6677 | 3000 | 0.50x | 6.9e+03 (2.30x) |" in text and "training's own peak" in text
