@@ -64,7 +64,6 @@ def rows(records: list[tuple[dict[str, Any], Path]], gemm_gflops: float | None) 
         # without the checkpoint's file pages that loading maps (src/cost.py PhasePeaks)
         train_peaks = [float(r["metrics"][M.COST_TRAIN_PEAK_RSS_MB]) for r, _ in members
                        if M.COST_TRAIN_PEAK_RSS_MB in r["metrics"]]
-        train_peaks = train_peaks if len(train_peaks) == len(members) else []
 
         out.append({
             # as the architecture has them (a packed 4-bit layer's own count is not)
@@ -75,6 +74,7 @@ def rows(records: list[tuple[dict[str, Any], Path]], gemm_gflops: float | None) 
             "peak_rss_mb_range": [min(peaks), max(peaks)],
             "train_peak_rss_mb": statistics.median(train_peaks) if train_peaks else None,
             "train_peak_rss_mb_range": [min(train_peaks), max(train_peaks)] if train_peaks else None,
+            "train_peak_n": len(train_peaks),
             "planned_peak_rss_mb": planned.peak_rss_mb, "load_s": median("load_s", "timings"),
             "adapter_mb": median(M.COST_ADAPTER_MB), "synthetic": "synthetic" in members[0][0]["run"]["model"],
             "busy": not quiet,
@@ -106,9 +106,12 @@ def _ratio(measured: float | None, planned: float | None) -> str:
 
 
 def _train_peak(row: dict[str, Any]) -> str:
+    """Training's peak, over the trials that recorded it (older records did not): their count when fewer."""
     if row.get("train_peak_rss_mb") is None:
         return "- | "
-    return f"{row['train_peak_rss_mb']:.0f}{_spread(row, 'train_peak_rss_mb_range', '{:.0f}')} | "
+    n = int(row.get("train_peak_n", row["n"]))
+    spread = _spread({**row, "n": n}, "train_peak_rss_mb_range", "{:.0f}")
+    return f"{row['train_peak_rss_mb']:.0f}{spread}" + (f" ({n} of {row['n']})" if n < row["n"] else "") + " | "
 
 
 def table(rs: list[dict[str, Any]], gemm_gflops: float | None, machine: str) -> str:

@@ -127,3 +127,5 @@ def test_the_scaling_table_shows_the_spread_of_repeated_trials():
                                     "rss_vs_fp32": 0.5}], 335.0, "a CPU")
     assert "| 6677 [6650-6704] | 6000 [5990-6010] | 1.00x | 6.9e+03 (1.15x) |" in text
     assert "| 6677 | 3000 | 0.50x | 6.9e+03 (2.30x) |" in text and "training's own peak" in text
+    older = {**trained, "train_peak_n": 1, "train_peak_rss_mb_range": [6000.0, 6000.0]}  # 1 of its 2 trials had it
+    assert "| 6677 [6650-6704] | 6000 (1 of 2) | 1.00x |" in scaling.table([older], 335.0, "a CPU")
