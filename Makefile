@@ -10,8 +10,10 @@ export HF_HUB_OFFLINE := 1
 
 # Debian packages used for real: PostgreSQL (a study shared by several workers; started by the
 # tests), tcmalloc and jemalloc (cpu.allocator, preloaded into the worker), Chromium (the report's
-# PNG figures, and the test that opens the HTML report in a browser).
-SYSTEM_PKGS := postgresql libgoogle-perftools4 libjemalloc2 chromium
+# PNG figures, and the test that opens the HTML report in a browser), SLURM with its accounting daemon
+# and a MariaDB server for it (hydra/launcher=slurm; the test starts a one-node cluster on loopback).
+SYSTEM_PKGS := postgresql libgoogle-perftools4 libjemalloc2 chromium \
+               slurmctld slurmd slurm-client slurmdbd mariadb-server
 
 .PHONY: setup ipex-venv system-deps sweep test test-fast lint clean-cache
 

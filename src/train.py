@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -47,6 +48,14 @@ def git_state(root: Path = PROJECT_ROOT) -> dict[str, Any]:
     return {"git_commit": commit, "git_dirty": None if commit is None else bool(status)}
 
 
+def scheduler_job() -> str | None:
+    """The SLURM job this trial runs in (``<array job>_<task>`` for an array), or None outside SLURM."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
+
+
 def preflight(cfg: DictConfig) -> dict[str, int]:
     """Every check that is cheap, before a worker starts: schema rules, then the data files."""
     try:
@@ -79,6 +88,18 @@ def memory_check(cfg: DictConfig) -> None:
     too_big = plan.refusal(cfg)
     if too_big:
         raise ConfigError(too_big)
+
+
+def job_resources(cfg: DictConfig) -> dict[str, Any]:
+    """What a trial's scheduler job needs (the sweepers' ``job_resources`` hook, hydra/launcher=submitit_*):
+    as many CPUs as its worker runs threads (``cpu.threads``, or the pinned ``cpu.cores``) and the
+    worker's memory limit. Unset values leave the launcher's own setting (hydra.launcher.cpus_per_task,
+    mem_gb), and with threads unset the worker uses the cores the job was given."""
+    cores = cpu.parse_cores(cfg.cpu.cores)
+    threads = cfg.cpu.threads if cfg.cpu.threads is not None else (len(cores) if cores else None)
+    limit = cfg.train.memory_limit_mb
+    return {"cpus_per_task": None if threads is None else int(threads),
+            "mem_gb": None if limit is None else round(float(limit) / 1024, 3)}
 
 
 def _unresolved(exc: OmegaConfBaseException) -> ConfigError:
@@ -114,6 +135,7 @@ def run_trial(cfg: DictConfig, trial_dir: Path, trial: dict[str, Any]) -> TrialR
                   extra=() if "://" in str(cfg.paths.study_storage) else (storage,))
     (trial_dir / results.RESULT_FILE).unlink(missing_ok=True)  # never read back a stale record
     trial = {**trial, "dir": str(trial_dir), "records": counts, "environment": git_state(),
+             "scheduler_job": scheduler_job(),
              "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
              "reports_signal": reporter is not None}
     plain = {**to_plain(cfg), "trial": trial}
@@ -123,8 +145,10 @@ def run_trial(cfg: DictConfig, trial_dir: Path, trial: dict[str, Any]) -> TrialR
     preexec = runtime.limits(cfg.train.memory_limit_mb, then=cpu.preexec(cfg.cpu))
     # A sweep's trials fork from a warm worker (src/warm.py), keyed by what preexec does; a single trial
     # would only pay the same imports in another process.
+    # A scheduler's job runs one trial in its own process: a warm worker there would serve nobody else.
     warm_key = ((cfg.train.memory_limit_mb, tuple(cpu.parse_cores(cfg.cpu.cores) or ()))
-                if cfg.train.warm_worker and trial.get("job_num") is not None else None)
+                if cfg.train.warm_worker and trial.get("job_num") is not None
+                and not (os.environ.get("SUBMITIT_EXECUTOR") or scheduler_job()) else None)
     try:
         with relay.Relay(reporter, trial_dir) if reporter is not None else contextlib.nullcontext():
             exit_ = runtime.run_worker(trial_dir, runtime.worker_env(cfg), timeout_s, preexec=preexec,

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src import overrides
 from src.redact import remember, scrub, scrub_text
-from src.sweeper import jobs, pruning, report
+from src.sweeper import jobs, pruning, report, scheduler
 from src.sweeper import study as S
 from src.sweeper.jobs import JobOutcome
 from src.sweeper.space import SearchSpace, build
@@ -53,7 +53,7 @@ class StudySweeper(Sweeper):
                  n_jobs: int = 1, max_failure_rate: float = 0.0, failure_scope: str = "batch",
                  params: dict[str, Any] | None = None, retry_stale: bool = False, lease_s: float = 120.0,
                  objectives: Any = None, preflight: str | None = None, corner_check: str | None = None,
-                 record: str | None = None,
+                 record: str | None = None, job_resources: str | None = None,
                  trial_keys: str | None = None, summary: str | None = None, seed_key: str | None = None,
                  pruner: Any = None, prune_on: str | None = None, signal_direction: str | None = None) -> None:
         super().__init__()
@@ -73,6 +73,7 @@ class StudySweeper(Sweeper):
         self.declared = objectives
         self.preflight = preflight
         self.corner_check = corner_check
+        self.job_resources = job_resources
         self.record = record
         self.trial_keys = trial_keys
         self.summary = summary
@@ -96,6 +97,15 @@ class StudySweeper(Sweeper):
         self.hydra_context, self.config = hydra_context, config
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
+        if scheduler.is_submitit(self.launcher):  # jobs on SLURM (or submitit's local queue): src/sweeper/scheduler.py
+            self.launcher = scheduler.SchedulerLauncher(
+                self.launcher, self.resources_of if self.job_resources else None)
+
+    def resources_of(self, job_overrides: Sequence[str]) -> dict[str, Any]:
+        """What the ``job_resources`` hook asks the scheduler for, for one job (its own composed config)."""
+        assert self.hydra_context is not None and self.config is not None and self.job_resources
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(job_overrides))
+        return dict(get_method(self.job_resources)(cfg) or {})
 
     def sweep(self, arguments: list[str]) -> Any:
         assert self.config is not None and self.hydra_context is not None
@@ -107,6 +117,8 @@ class StudySweeper(Sweeper):
             raise S.StudyError(f"hydra.sweeper.failure_scope: must be one of {list(FAILURE_SCOPES)}, "
                                f"got {self.failure_scope!r}")
         self.check_settings()
+        if isinstance(self.launcher, scheduler.SchedulerLauncher):
+            self.launcher.check()
         names, directions = self.objectives()
         self.names = names
         overrides_in = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)

@@ -1,0 +1,145 @@
+"""The submitit launcher under our sweepers (src/sweeper/scheduler.py), without a cluster: per-job resources,
+no requeueing, a job that ended without a result as a failed JobReturn, queued jobs cancelled on the way
+out. tests/test_slurm.py runs the same path on a real SLURM cluster."""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import pytest
+from hydra.core.utils import JobStatus
+from omegaconf import OmegaConf
+from submitit.core.utils import UncompletedJobError
+
+from src.sweeper import scheduler
+from src.train import job_resources
+
+
+class FakeJob:
+    def __init__(self, job_id: str, error: BaseException | None = None, state: str = "COMPLETED") -> None:
+        self.job_id, self.error, self.state, self.cancelled = job_id, error, state, False
+
+    def results(self) -> list[Any]:
+        if self.error is not None:
+            raise self.error
+        return [f"return of {self.job_id}"]
+
+    def cancel(self, check: bool = True) -> None:
+        self.cancelled = True
+
+
+class FakeExecutor:
+    """submitit's AutoExecutor as the launcher uses it: parameters, then one map_array per batch."""
+
+    arrays: list[tuple[dict[str, Any], Any, list[tuple[Any, ...]]]] = []
+
+    def __init__(self) -> None:
+        self.parameters: dict[str, Any] = {"cpus_per_task": 4, "mem_gb": 16}
+        FakeExecutor.arrays = []
+
+    def update_parameters(self, **kw: Any) -> None:
+        self.parameters.update(kw)
+
+    def map_array(self, fn: Any, *iterables: Any) -> list[FakeJob]:
+        calls = list(zip(*iterables, strict=True))
+        FakeExecutor.arrays.append((dict(self.parameters), fn, calls))
+        return [FakeJob(f"{len(FakeExecutor.arrays)}_{i}") for i in range(len(calls))]
+
+
+def _launch_args(*overrides: list[str]) -> tuple[list[Any], ...]:
+    # what the launcher passes: overrides, job dir key, job number, job id, singleton state
+    calls = [(list(o), "hydra.sweep.dir", n, f"job_id_for_{n}", {}) for n, o in enumerate(overrides)]
+    return tuple(list(c) for c in zip(*calls, strict=True))
+
+
+def test_each_job_asks_for_its_own_resources_and_jobs_come_back_in_order():
+    wanted = {"cpu.threads=1": {"cpus_per_task": 1, "mem_gb": None},
+              "cpu.threads=2": {"cpus_per_task": 2, "mem_gb": 3.0}}
+    executor = scheduler._executor_class(FakeExecutor, lambda ovr: wanted[ovr[0]], "SLURM", [])()
+    jobs = executor.map_array("launcher", *_launch_args(["cpu.threads=1"], ["cpu.threads=2"], ["cpu.threads=1"]))
+    assert [params for params, _, _ in FakeExecutor.arrays] == [
+        {"cpus_per_task": 1, "mem_gb": 16},   # an unset value keeps the launcher's own
+        {"cpus_per_task": 2, "mem_gb": 3.0}]
+    assert [[c[2] for c in calls] for _, _, calls in FakeExecutor.arrays] == [[0, 2], [1]]  # job numbers kept
+    assert [j.job_id for j in jobs] == ["1_0", "2_0", "1_1"]  # in the order the sweeper gave them
+    fn = FakeExecutor.arrays[0][1]
+    assert isinstance(fn, scheduler.NoRequeue) and fn.launcher == "launcher" and fn.checkpoint(1, 2) is None
+
+
+class Launcher:
+    """A picklable stand-in for the launcher submitit sends to the job."""
+
+    def __call__(self, *args: Any) -> str:
+        return f"ran {args}"
+
+
+def test_the_submitted_callable_runs_the_launcher_and_never_asks_to_be_requeued():
+    fn = pickle.loads(pickle.dumps(scheduler.NoRequeue(Launcher())))
+    assert fn(["a=1"], 3) == "ran (['a=1'], 3)"
+    assert fn.checkpoint(["a=1"], 3) is None  # submitit then ends the job instead of resubmitting it
+
+
+def test_a_job_the_scheduler_ended_is_a_failed_return_with_its_state():
+    lost = FakeJob("12_3", UncompletedJobError("Job 12_3 (task: 0) with path /x/12_3_result.pkl\n"
+                                               "has not produced any output (state: CANCELLED by 0)"),
+                   state="CANCELLED by 0")
+    [ret] = scheduler.Settled(lost, "SLURM").results()
+    assert ret.status == JobStatus.FAILED
+    assert str(ret._return_value).startswith("SLURM job 12_3 ended CANCELLED by 0: Job 12_3 (task: 0)")
+    [ok] = scheduler.Settled(FakeJob("12_4"), "SLURM").results()
+    assert ok == "return of 12_4"
+    # sacct unreachable as well: the reason still names the job
+    nowhere = FakeJob("13_0", UncompletedJobError("has not produced any output"), state="UNKNOWN")
+    assert "SLURM job 13_0 ended without a result" in str(scheduler.Settled(nowhere, "SLURM").results()[0]
+                                                          ._return_value)
+
+
+def test_an_interrupted_launch_cancels_the_jobs_it_submitted(monkeypatch):
+    import submitit
+
+    class Interrupted:
+        """A launcher interrupted (Ctrl-C) while it waits for the jobs it submitted."""
+
+        def launch(self, job_overrides: Any, initial_job_idx: int) -> Any:
+            executor = submitit.AutoExecutor()  # looked up at call time, as the real launcher does
+            self.jobs = executor.map_array("launcher", *_launch_args(*job_overrides))
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(submitit, "AutoExecutor", FakeExecutor)
+    launcher = Interrupted()
+    with pytest.raises(KeyboardInterrupt):
+        scheduler.SchedulerLauncher(launcher, None).launch([["a=1"], ["a=2"]], 0)
+    assert [j.job_id for j in launcher.jobs] == ["1_0", "1_1"] and all(j.job.cancelled for j in launcher.jobs)
+    assert submitit.AutoExecutor is FakeExecutor  # the launcher's executor is put back
+
+
+@pytest.mark.parametrize("cpu,train,expected", [
+    ({"threads": 2, "cores": None}, {"memory_limit_mb": 3072}, {"cpus_per_task": 2, "mem_gb": 3.0}),
+    ({"threads": None, "cores": "0-3"}, {"memory_limit_mb": None}, {"cpus_per_task": 4, "mem_gb": None}),
+    ({"threads": None, "cores": None}, {"memory_limit_mb": None}, {"cpus_per_task": None, "mem_gb": None}),
+])
+def test_a_trial_asks_its_job_for_its_threads_and_memory_limit(cpu, train, expected):
+    assert job_resources(OmegaConf.create({"cpu": cpu, "train": train})) == expected
+
+
+def test_a_cluster_without_accounting_is_refused_before_the_study_opens(tmp_path, monkeypatch):
+    # submitit reads job states from sacct: without slurmdbd a cancelled job would never be seen to end
+    fake = tmp_path / "bin" / "sacct"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'sacct: error: Slurm accounting storage is disabled' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
+
+    class SlurmLauncher:  # named as the plugin's
+        pass
+
+    with pytest.raises(scheduler.SchedulerError, match="accounting storage is disabled.*slurmdbd"):
+        scheduler.SchedulerLauncher(SlurmLauncher(), None).check()
+
+    class LocalLauncher:
+        pass
+
+    scheduler.SchedulerLauncher(LocalLauncher(), None).check()  # submitit's local queue needs no sacct
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert "sacct is not installed" in (scheduler.accounting_problem() or "")
