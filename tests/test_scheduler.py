@@ -86,11 +86,14 @@ def test_a_job_the_scheduler_ended_is_a_failed_return_with_its_state():
                    state="CANCELLED by 0")
     [ret] = scheduler.Settled(lost, "SLURM").results()
     assert ret.status == JobStatus.FAILED
-    assert str(ret._return_value).startswith("SLURM job 12_3 ended CANCELLED by 0: Job 12_3 (task: 0)")
+    assert str(ret._return_value) == "SLURM job 12_3 ended CANCELLED by 0 without a result"
     [ok] = scheduler.Settled(FakeJob("12_4"), "SLURM").results()
     assert ok == "return of 12_4"
     # sacct unreachable as well: the reason still names the job
     nowhere = FakeJob("13_0", UncompletedJobError("has not produced any output"), state="UNKNOWN")
+    failed = FakeJob("14_0", RuntimeError("No module named 'src'\nTraceback ..."), state="FAILED")
+    assert str(scheduler.Settled(failed, "SLURM").results()[0]._return_value) == (
+        "SLURM job 14_0 ended FAILED with an error: No module named 'src'")
     assert "SLURM job 13_0 ended without a result" in str(scheduler.Settled(nowhere, "SLURM").results()[0]
                                                           ._return_value)
 

@@ -123,9 +123,9 @@ def test_the_local_submitit_queue_runs_a_search_and_a_killed_job_fails_its_trial
     env = {**os.environ, "PARETUNE_STUDY_STORAGE": str(storage), "PYTHONPATH": str(PROJECT_ROOT)}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        # submitit's local jobs: one process each, named by the job folder's pickles
+        # the process that runs a local job (under submitit's controller, which then reports it lost)
         def job_pids() -> list[int]:
-            out = subprocess.run(["pgrep", "-f", "submitit.local._local"], capture_output=True, text=True).stdout
+            out = subprocess.run(["pgrep", "-f", "submitit.core._submit"], capture_output=True, text=True).stdout
             return [int(p) for p in out.split()]
 
         _wait_for("a local job", job_pids, 120)
@@ -139,4 +139,4 @@ def test_the_local_submitit_queue_runs_a_search_and_a_killed_job_fails_its_trial
     states = sorted(t.state.name for t in trials)
     assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "FAIL"], [(t.number, t.state.name) for t in trials]
     [lost] = [t for t in trials if t.state.name == "FAIL"]
-    assert "submitit job" in lost.user_attrs[S.ERROR] and "ended" in lost.user_attrs[S.ERROR]
+    assert "submitit job" in lost.user_attrs[S.ERROR] and "ended without a result" in lost.user_attrs[S.ERROR]

@@ -89,14 +89,19 @@ class Settled:
             return [ret]
 
     def reason(self, exc: BaseException) -> str:
+        """``SLURM job 12_3 ended TIMEOUT without a result (log: ...)``: the scheduler's state where it
+        says more than that the process is gone, and the job's error log."""
         state = ""
         with contextlib.suppress(Exception):  # sacct may be gone too; the exception still says what it knows
             state = str(self.job.state)
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        ended = f"ended {state}" if state and state not in ("UNKNOWN", "COMPLETED", "FINISHED") else "ended"
+        text = str(exc).strip()
+        if "has not produced any output" in text:  # submitit's words for a job killed before its result
+            what = "without a result"
+        else:
+            what = "with an error: " + (text.splitlines() or [type(exc).__name__])[0]
         where = f" (log: {self.job.paths.stderr})" if hasattr(self.job, "paths") else ""
-        if state and state not in ("UNKNOWN", "COMPLETED"):
-            return f"{self.kind} job {self.job_id} ended {state}: {first}{where}"
-        return f"{self.kind} job {self.job_id} ended without a result: {first}{where}"
+        return f"{self.kind} job {self.job_id} {ended} {what}{where}"
 
     def cancel(self) -> None:
         with contextlib.suppress(Exception):
