@@ -45,9 +45,11 @@ class PhasePeaks:
     pages read stay in RSS until the loader closes the files (measured: a 3B bf16 checkpoint added 5.5
     GB of file pages on top of a 4-bit model being built, so the trial peaked at load, not in training).
     Those pages are clean and the kernel can drop them under pressure; what training holds is anonymous
-    memory it cannot. Linux keeps one high-water mark (ru_maxrss and VmHWM read it) and resets it when
-    "5" is written to /proc/self/clear_refs, so each phase's peak is read, then the mark reset. Where
-    the kernel refuses the reset, ``per_phase`` is False and only the whole peak is reported."""
+    memory it cannot. Linux keeps a high-water mark of the process's RSS (VmHWM) and resets it to the
+    current RSS when "5" is written to /proc/self/clear_refs, so each phase's peak is read, then the
+    mark reset; the whole peak is the highest phase. (ru_maxrss, used before, also counts the peak of
+    the process image before exec: the parent's at the fork.) Where the kernel refuses the reset,
+    ``per_phase`` is False and only the whole peak is reported."""
 
     def __init__(self) -> None:
         self.phases: dict[str, float] = {}
@@ -74,7 +76,7 @@ class PhasePeaks:
     def peak_mb(self) -> float:
         """The trial's whole peak: the highest phase, or what the kernel reports when none was read."""
         now = _hwm_mb()
-        return peak_rss_mb() if now is None else max([now, *self.phases.values()])
+        return peak_rss_mb() if now is None else round(max([now, *self.phases.values()]), 1)
 
     def describe(self) -> dict[str, object]:
         return {"per_phase": self.per_phase, "phases": dict(self.phases) if self.per_phase else {}}

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,44 @@ def git_state(root: Path = PROJECT_ROOT) -> dict[str, Any]:
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"git_commit": commit, "git_dirty": None if commit is None else bool(status)}
+
+
+SUBMITIT_ENV = "SUBMITIT_EXECUTOR"  # set by submitit in its jobs: "slurm" or "local"
+
+
+class SchedulerStop(Exception):  # noqa: N818 - it is a stop, not an error of the trial
+    """The scheduler is ending this trial's job: SIGTERM (scancel, preemption, a node going down) or
+    submitit's signal ahead of the time limit. The worker is killed and the trial recorded as failed
+    with this message; the sweeper reads the same message from the job (src/sweeper/scheduler.py)."""
+
+
+@contextlib.contextmanager
+def scheduler_signals() -> Iterator[None]:
+    """Inside a SLURM job, turn SLURM's stop signals into SchedulerStop while the trial runs. submitit
+    logs and ignores SIGTERM, so the trial would go on for SLURM's KillWait and could even finish, and
+    its signal before the time limit would leave a record-less trial; this stops it at once, with the
+    reason. Outside a submitit job nothing changes."""
+    if os.environ.get(SUBMITIT_ENV) != "slurm":
+        yield
+        return
+    from submitit.core.job_environment import JobEnvironment
+
+    job = scheduler_job() or "?"
+    ahead = getattr(signal, f"SIG{JobEnvironment.USR_SIG}", signal.SIGUSR2)  # what submitit asks SLURM to send
+    reasons = {signal.SIGTERM: f"SLURM job {job} was stopped by SIGTERM (scancel, preemption or its node "
+                               "shutting down) while the trial ran; run the same command again to measure it",
+               ahead: f"SLURM job {job} reached the end of its time limit (hydra.launcher.timeout_min, "
+                               "less signal_delay_s) while the trial ran; raise it and run the same command again"}
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SchedulerStop(reasons[signal.Signals(signum)])
+
+    before = {sig: signal.signal(sig, stop) for sig in reasons}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def scheduler_job() -> str | None:
@@ -98,8 +137,13 @@ def job_resources(cfg: DictConfig) -> dict[str, Any]:
     cores = cpu.parse_cores(cfg.cpu.cores)
     threads = cfg.cpu.threads if cfg.cpu.threads is not None else (len(cores) if cores else None)
     limit = cfg.train.memory_limit_mb
+    # the job holds this process too (Hydra, the relay: about 150-250 MB) beside the worker's limit;
+    # submitit writes a fraction of a GB as whole MB, so this is exact
     return {"cpus_per_task": None if threads is None else int(threads),
-            "mem_gb": None if limit is None else round(float(limit) / 1024, 3)}
+            "mem_gb": None if limit is None else (int(limit) + JOB_PROCESS_MB) / 1024}
+
+
+JOB_PROCESS_MB = 512
 
 
 def _unresolved(exc: OmegaConfBaseException) -> ConfigError:
@@ -145,10 +189,10 @@ def run_trial(cfg: DictConfig, trial_dir: Path, trial: dict[str, Any]) -> TrialR
     preexec = runtime.limits(cfg.train.memory_limit_mb, then=cpu.preexec(cfg.cpu))
     # A sweep's trials fork from a warm worker (src/warm.py), keyed by what preexec does; a single trial
     # would only pay the same imports in another process.
-    # A scheduler's job runs one trial in its own process: a warm worker there would serve nobody else.
+    # A submitit job runs one trial in its own process: a warm worker there would serve nobody else.
     warm_key = ((cfg.train.memory_limit_mb, tuple(cpu.parse_cores(cfg.cpu.cores) or ()))
                 if cfg.train.warm_worker and trial.get("job_num") is not None
-                and not (os.environ.get("SUBMITIT_EXECUTOR") or scheduler_job()) else None)
+                and not os.environ.get(SUBMITIT_ENV) else None)
     try:
         with relay.Relay(reporter, trial_dir) if reporter is not None else contextlib.nullcontext():
             exit_ = runtime.run_worker(trial_dir, runtime.worker_env(cfg), timeout_s, preexec=preexec,
@@ -157,6 +201,10 @@ def run_trial(cfg: DictConfig, trial_dir: Path, trial: dict[str, Any]) -> TrialR
     except KeyboardInterrupt:
         # The worker is already killed (run_worker); the trial still gets its record, as interrupted.
         _record_interrupted(plain, trial, trial_dir)
+        raise
+    except Exception as exc:  # e.g. the scheduler stopped the job (SchedulerStop): the worker is killed too
+        _record_interrupted(plain, trial, trial_dir, {"type": type(exc).__name__, "message": str(exc),
+                                                      "traceback": ""})
         raise
     try:
         result, worker_wrote_it = results.read(trial_dir), True
@@ -178,10 +226,11 @@ def run_trial(cfg: DictConfig, trial_dir: Path, trial: dict[str, Any]) -> TrialR
     return result
 
 
-def _record_interrupted(plain: dict[str, Any], trial: dict[str, Any], trial_dir: Path) -> None:
+def _record_interrupted(plain: dict[str, Any], trial: dict[str, Any], trial_dir: Path,
+                        error: dict[str, str] | None = None) -> None:
     if (trial_dir / results.RESULT_FILE).exists():
         return  # the worker finished its record just before the interrupt: it stands
-    result = _failed_without_record(plain, trial, {
+    result = _failed_without_record(plain, trial, error or {
         "type": "Interrupted", "message": "interrupted (SIGINT) before the trial finished; the worker was "
         "stopped. Run the same command again to measure it", "traceback": ""}, 0.0)
     try:
@@ -251,7 +300,8 @@ def main(cfg: DictConfig) -> list[float] | None:
     redact.scrub_files(trial_dir / ".hydra")
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        result = run_trial(cfg, trial_dir, info)
+        with scheduler_signals():
+            result = run_trial(cfg, trial_dir, info)
     except (ConfigError, data.DataError, results.RecordError) as exc:
         log.error("%s", exc)
         if multirun:

@@ -553,6 +553,9 @@ def _account(t: Trial, stats: Any, scores: dict[str, float], eval_s: float, mete
     t.cost_info["peak_rss_mb_by_phase"] = t.peaks.describe()
     if t.peaks.per_phase:
         t.metrics[M.COST_TRAIN_PEAK_RSS_MB] = t.peaks.phases["train"]
+    elif any(o.name == M.COST_TRAIN_PEAK_RSS_MB for o in t.cfg.objectives):
+        raise RuntimeError(f"{M.COST_TRAIN_PEAK_RSS_MB}: this kernel stopped letting the worker reset its peak RSS "
+                           f"(/proc/self/clear_refs) during the trial; use {M.COST_PEAK_RSS_MB} as the objective")
     share = t.cost_info.get("interference", {}).get("others_cpu_share")
     if share is not None:
         t.metrics[M.COST_OTHERS_CPU_SHARE] = share
@@ -591,6 +594,10 @@ def main(argv: list[str]) -> int:
         message = _describe(exc, t.cfg)
         log.error("trial failed: %s: %s", type(exc).__name__, message)
         t.timings["worker_wall_s"] = time.perf_counter() - t.started
+        # how far memory got, by phase ("failed": since the last phase that ended), for reading an
+        # out-of-memory failure; kept out of the metrics, which a failed trial does not have
+        t.peaks.end("failed")
+        t.cost_info["peak_rss_mb_by_phase"] = {**t.peaks.describe(), "whole": t.peaks.peak_mb()}
         result = t.record("failed", {"type": type(exc).__name__, "message": message,
                                      "traceback": traceback.format_exc()})
     results.write(tdir, result)

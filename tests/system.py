@@ -132,7 +132,7 @@ class Slurm:
             require(f"SLURM ({', '.join(missing)})", "Debian packages slurmctld slurmd slurm-client slurmdbd "
                     "mariadb-server; `make setup` installs them as root")
         if os.geteuid() != 0:
-            pytest.skip("the test SLURM cluster runs its daemons as root")
+            require("a SLURM cluster this user may start", "its daemons run as root: run the tests as root")
         self.root = root
         self.cpus = cpus or os.cpu_count() or 1
         self.memory_mb = memory_mb
@@ -219,6 +219,10 @@ class Slurm:
     def stop(self) -> None:
         with contextlib.suppress(Exception):
             self.run("scancel", "--user=root", check=False, timeout=20)
+            # let the jobs' steps end before their daemons go (a test that failed may leave some running)
+            deadline = time.monotonic() + 20
+            while self.run("squeue", "-h", check=False, timeout=20).stdout.strip() and time.monotonic() < deadline:
+                time.sleep(0.5)
         for p in reversed(self.procs):  # slurmd, slurmctld, slurmdbd, then the database
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, 15)

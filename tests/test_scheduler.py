@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from hydra.core.utils import JobStatus
 from omegaconf import OmegaConf
-from submitit.core.utils import UncompletedJobError
+from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from src.sweeper import scheduler
 from src.train import job_resources
@@ -28,6 +28,9 @@ class FakeJob:
     def cancel(self, check: bool = True) -> None:
         self.cancelled = True
 
+    def done(self, force_check: bool = False) -> bool:
+        return False
+
 
 class FakeExecutor:
     """submitit's AutoExecutor as the launcher uses it: parameters, then one map_array per batch."""
@@ -36,6 +39,7 @@ class FakeExecutor:
 
     def __init__(self) -> None:
         self.parameters: dict[str, Any] = {"cpus_per_task": 4, "mem_gb": 16}
+        self._executor = self  # AutoExecutor keeps its backend's parameters there (the same dict)
         FakeExecutor.arrays = []
 
     def update_parameters(self, **kw: Any) -> None:
@@ -43,6 +47,9 @@ class FakeExecutor:
 
     def map_array(self, fn: Any, *iterables: Any) -> list[FakeJob]:
         calls = list(zip(*iterables, strict=True))
+        if self.parameters["cpus_per_task"] > 64:  # as sbatch refuses a request no node can meet
+            raise RuntimeError("sbatch: error: Batch job submission failed: Requested node configuration is "
+                               "not available")
         FakeExecutor.arrays.append((dict(self.parameters), fn, calls))
         return [FakeJob(f"{len(FakeExecutor.arrays)}_{i}") for i in range(len(calls))]
 
@@ -55,16 +62,33 @@ def _launch_args(*overrides: list[str]) -> tuple[list[Any], ...]:
 
 def test_each_job_asks_for_its_own_resources_and_jobs_come_back_in_order():
     wanted = {"cpu.threads=1": {"cpus_per_task": 1, "mem_gb": None},
-              "cpu.threads=2": {"cpus_per_task": 2, "mem_gb": 3.0}}
+              "cpu.threads=2": {"cpus_per_task": 2, "mem_gb": 3.0},
+              "cpu.threads=null": {"cpus_per_task": None, "mem_gb": None}}
     executor = scheduler._executor_class(FakeExecutor, lambda ovr: wanted[ovr[0]], "SLURM", [])()
-    jobs = executor.map_array("launcher", *_launch_args(["cpu.threads=1"], ["cpu.threads=2"], ["cpu.threads=1"]))
+    jobs = executor.map_array("launcher", *_launch_args(["cpu.threads=2"], ["cpu.threads=1"], ["cpu.threads=2"],
+                                                        ["cpu.threads=null"]))
+    no_requeue = {"additional_parameters": {"no_requeue": True}}  # SLURM must not requeue behind the study
     assert [params for params, _, _ in FakeExecutor.arrays] == [
-        {"cpus_per_task": 1, "mem_gb": 16},   # an unset value keeps the launcher's own
-        {"cpus_per_task": 2, "mem_gb": 3.0}]
-    assert [[c[2] for c in calls] for _, _, calls in FakeExecutor.arrays] == [[0, 2], [1]]  # job numbers kept
-    assert [j.job_id for j in jobs] == ["1_0", "2_0", "1_1"]  # in the order the sweeper gave them
+        {"cpus_per_task": 2, "mem_gb": 3.0, **no_requeue},
+        {"cpus_per_task": 1, "mem_gb": 16, **no_requeue},  # unset: the launcher's own, not the group before's
+        {"cpus_per_task": 4, "mem_gb": 16, **no_requeue}]  # nothing asked: the launcher's settings alone
+    assert [[c[2] for c in calls] for _, _, calls in FakeExecutor.arrays] == [[0, 2], [1], [3]]  # numbers kept
+    assert [j.job_id for j in jobs] == ["1_0", "2_0", "1_1", "3_0"]  # in the order the sweeper gave them
+    assert executor.parameters == {"cpus_per_task": 4, "mem_gb": 16, **no_requeue}  # put back afterwards
     fn = FakeExecutor.arrays[0][1]
     assert isinstance(fn, scheduler.NoRequeue) and fn.launcher == "launcher" and fn.checkpoint(1, 2) is None
+
+
+def test_a_job_the_scheduler_refuses_fails_its_trial_and_the_others_are_submitted():
+    wanted = {"cpu.threads=128": {"cpus_per_task": 128}, "cpu.threads=1": {"cpus_per_task": 1}}
+    executor = scheduler._executor_class(FakeExecutor, lambda ovr: wanted[ovr[0]], "SLURM", [])()
+    refused, ok = executor.map_array("launcher", *_launch_args(["cpu.threads=128"], ["cpu.threads=1"]))
+    [ret] = refused.results()
+    assert ret.status == JobStatus.FAILED and str(ret._return_value) == (
+        "SLURM refused the job (cpus_per_task=128): sbatch: error: Batch job submission failed: Requested node "
+        "configuration is not available; lower cpu.threads or train.memory_limit_mb, or choose another "
+        "hydra.launcher.partition")
+    assert ok.results() == ["return of 1_0"]
 
 
 class Launcher:
@@ -91,9 +115,13 @@ def test_a_job_the_scheduler_ended_is_a_failed_return_with_its_state():
     assert ok == "return of 12_4"
     # sacct unreachable as well: the reason still names the job
     nowhere = FakeJob("13_0", UncompletedJobError("has not produced any output"), state="UNKNOWN")
-    failed = FakeJob("14_0", RuntimeError("No module named 'src'\nTraceback ..."), state="FAILED")
+    # submitit's FailedJobError: a heading, the trace, and the error on its last line
+    failed = FakeJob("14_0", FailedJobError("Job (task=0) failed during processing with trace:\n"
+                                            "----------------------\nTraceback (most recent call last):\n"
+                                            "  File \"x.py\", line 1, in <module>\n"
+                                            "ModuleNotFoundError: No module named 'src'\n"), state="FAILED")
     assert str(scheduler.Settled(failed, "SLURM").results()[0]._return_value) == (
-        "SLURM job 14_0 ended FAILED with an error: No module named 'src'")
+        "SLURM job 14_0 ended FAILED with an error: ModuleNotFoundError: No module named 'src'")
     assert "SLURM job 13_0 ended without a result" in str(scheduler.Settled(nowhere, "SLURM").results()[0]
                                                           ._return_value)
 
@@ -118,7 +146,8 @@ def test_an_interrupted_launch_cancels_the_jobs_it_submitted(monkeypatch):
 
 
 @pytest.mark.parametrize("cpu,train,expected", [
-    ({"threads": 2, "cores": None}, {"memory_limit_mb": 3072}, {"cpus_per_task": 2, "mem_gb": 3.0}),
+    # the job holds the trial's own process beside the worker's limit: 512 MB more, in whole MB
+    ({"threads": 2, "cores": None}, {"memory_limit_mb": 3072}, {"cpus_per_task": 2, "mem_gb": 3.5}),
     ({"threads": None, "cores": "0-3"}, {"memory_limit_mb": None}, {"cpus_per_task": 4, "mem_gb": None}),
     ({"threads": None, "cores": None}, {"memory_limit_mb": None}, {"cpus_per_task": None, "mem_gb": None}),
 ])

@@ -1,8 +1,10 @@
 """Trials as SLURM jobs, for real: a single-node cluster (slurmctld, slurmd, slurmdbd and MariaDB on
 loopback, started here: tests/system.py) runs a 4-trial sweep on the tiny model through Hydra's
-submitit launcher. One job is cancelled with scancel while its trial trains: that trial is FAILED
-with SLURM's state, the other three complete, and the same command again completes the study.
-Also the local submitit queue under the Optuna sweeper, with one job's process killed."""
+submitit launcher. One job is cancelled with scancel while its trial trains, another gets SLURM's
+signal ahead of its time limit: those trials are FAILED with the reason, the other two complete, and
+the same command again completes the study. Two sweeps from two folders share one PostgreSQL study
+through the cluster. Also the local submitit queue under the Optuna sweeper, with one job's process
+killed."""
 
 from __future__ import annotations
 
@@ -29,6 +31,14 @@ def _study(storage: Path, sweep: Path) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=S.open_storage(str(storage)))
 
 
+def _alive(pid: int) -> bool:
+    """A process that still runs (a zombie left for a parent to reap does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _wait_for(what: str, ok, timeout_s: float) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout_s
     while not ok():
@@ -44,7 +54,7 @@ def test_a_sweep_runs_as_slurm_jobs_and_a_cancelled_job_fails_only_its_trial(tmp
     cmd = [sys.executable, "-m", "src.train", "-m", "hydra/launcher=slurm", "hydra.sweeper.n_jobs=4",
            f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10",
            "hydra.launcher.mem_gb=2",  # the launcher's memory; each trial's train.memory_limit_mb (3G) wins
-           f"lora.r={','.join(map(str, RANKS))}", *TINY, "train.max_steps=1000000", "train.time_budget_s=6",
+           f"lora.r={','.join(map(str, RANKS))}", *TINY, "train.max_steps=1000000", "train.time_budget_s=15",
            "cpu.threads=1", "train.memory_limit_mb=3072", f"data.root={data_root}", f"paths.cache_dir={cache_dir}",
            "logger=none"]
     with system.slurm(tmp_path / "slurm", cpus=2, memory_mb=8192) as cluster:
@@ -64,21 +74,41 @@ def test_a_sweep_runs_as_slurm_jobs_and_a_cancelled_job_fails_only_its_trial(tmp
             assert len(worker) == 1, worker  # the trial's own fresh worker, inside the job
             cluster.run("scancel", job)
             cancelled_at = time.monotonic() - started
+            # another trial that trains gets what SLURM sends signal_delay_s before a job's time limit
+            def other() -> Path | None:
+                for c in configs():
+                    d = c.parent
+                    log = d / "train_log.jsonl"
+                    if d != victim and log.exists() and log.stat().st_size and not (d / "result.json").exists():
+                        return d
+                return None
+
+            _wait_for("another trial to train", lambda: other() is not None, 300)
+            timed = other()
+            assert timed is not None
+            timed_job = json.loads((timed / "trial_config.json").read_text())["trial"]["scheduler_job"]
+            # (scancel exits non-zero here although the job's steps get the signal: the trial's record tells)
+            cluster.run("scancel", "--signal=USR2", timed_job, check=False)
             out, err = proc.communicate(timeout=600)
         finally:
             if proc.poll() is None:
                 proc.kill()
         assert proc.returncode == 0, err[-4000:]
-        assert not Path(f"/proc/{worker[0]}").exists(), "the cancelled trial's worker outlived its job"
+        assert not _alive(int(worker[0])), "the cancelled trial's worker outlived its job"
         study = _study(storage, sweep)
         trials = sorted(study.trials, key=lambda t: t.number)
-        failed = [t for t in trials if t.state.name == "FAIL"]
-        assert len(trials) == 4 and len(failed) == 1, [(t.number, t.state.name) for t in trials]
-        lost = failed[0]
-        assert (sweep / str(lost.number)).resolve() == victim.resolve()
-        assert f"SLURM job {job} ended CANCELLED" in lost.user_attrs[S.ERROR], lost.user_attrs[S.ERROR]
+        failed = {(sweep / str(t.number)).resolve(): t for t in trials if t.state.name == "FAIL"}
+        assert len(trials) == 4 and set(failed) == {victim.resolve(), timed.resolve()}, [
+            (t.number, t.state.name) for t in trials]
+        lost = failed[victim.resolve()]
+        assert f"SLURM job {job} was stopped by SIGTERM (scancel" in lost.user_attrs[S.ERROR], lost.user_attrs[S.ERROR]
+        assert f"SLURM job {timed_job} reached the end of its time limit" in failed[timed.resolve()].user_attrs[S.ERROR]
+        for t in failed.values():  # the trial's own record says the same
+            record = json.loads((sweep / str(t.number) / "result.json").read_text())
+            assert record["status"] == "failed" and record["error"]["message"] in t.user_attrs[S.ERROR]
+        lost_ranks = {t.params["lora.r"] for t in failed.values()}
         assert sorted(t.params["lora.r"] for t in trials if t.state.name == "COMPLETE") == sorted(
-            set(RANKS) - {lost.params["lora.r"]})
+            set(RANKS) - lost_ranks)
         # each job ran its trial's worker in the job, with the trial's resources; sacct says what SLURM saw
         # (a job's result is written just before its process exits: SLURM may still call it RUNNING)
         _wait_for("every job to end", lambda: all(r["State"] not in ("RUNNING", "PENDING", "COMPLETING")
@@ -89,22 +119,23 @@ def test_a_sweep_runs_as_slurm_jobs_and_a_cancelled_job_fails_only_its_trial(tmp
         for t in done:
             record = json.loads(Path(t.user_attrs[S.RESULT_PATH]).read_text())
             row = rows[record["trial"]["scheduler_job"]]
-            assert row["State"] == "COMPLETED" and row["AllocCPUS"] == "1" and row["ReqMem"] == "3G", row
+            # one CPU per thread; memory_limit_mb (3 GB) and 512 MB for the trial's own process
+            assert row["State"] == "COMPLETED" and row["AllocCPUS"] == "1" and row["ReqMem"] == "3.50G", row
             assert record["cpu"]["torch_threads"] == 1
         print(f"\nscancel {job} at {cancelled_at:.1f} s; sacct:\n" + "\n".join("|".join(r.values())
                                                                              for r in rows.values()))
 
-        # the same command completes the study: the cancelled cell runs again, the others are kept
+        # the same command completes the study: the two lost cells run again, the others are kept
         again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert again.returncode == 0, again.stderr[-4000:]
         trials = sorted(_study(storage, sweep).trials, key=lambda t: t.number)
-        assert len(trials) == 5 and trials[-1].state.name == "COMPLETE"
-        assert trials[-1].params["lora.r"] == lost.params["lora.r"]
+        assert len(trials) == 6 and all(t.state.name == "COMPLETE" for t in trials[4:])
+        assert {t.params["lora.r"] for t in trials[4:]} == lost_ranks
         assert sorted(t.params["lora.r"] for t in trials if t.state.name == "COMPLETE") == sorted(RANKS)
         _wait_for("every job to end", lambda: all(r["State"] not in ("RUNNING", "PENDING", "COMPLETING")
                                                   for r in cluster.sacct()), 60)
         rows = cluster.sacct()
-        assert len(rows) == 5 and rows[-1]["State"] == "COMPLETED", rows
+        assert len(rows) == 6 and all(r["State"] == "COMPLETED" for r in rows[-2:]), rows
         print("after the same command again:\n" + "\n".join("|".join(r.values()) for r in rows))
 
 
@@ -125,7 +156,8 @@ def test_the_local_submitit_queue_runs_a_search_and_a_killed_job_fails_its_trial
     try:
         # the process that runs a local job (under submitit's controller, which then reports it lost)
         def job_pids() -> list[int]:
-            out = subprocess.run(["pgrep", "-f", "submitit.core._submit"], capture_output=True, text=True).stdout
+            out = subprocess.run(["pgrep", "-f", f"submitit.core._submit {sweep}"], capture_output=True,
+                                 text=True).stdout
             return [int(p) for p in out.split()]
 
         _wait_for("a local job", job_pids, 120)
@@ -140,3 +172,33 @@ def test_the_local_submitit_queue_runs_a_search_and_a_killed_job_fails_its_trial
     assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "FAIL"], [(t.number, t.state.name) for t in trials]
     [lost] = [t for t in trials if t.state.name == "FAIL"]
     assert "submitit job" in lost.user_attrs[S.ERROR] and "ended without a result" in lost.user_attrs[S.ERROR]
+
+
+def test_two_sweeps_from_two_submit_hosts_share_one_postgresql_study_through_slurm(tmp_path, pg):
+    """Two sweeps, each in its own folder as on two submit hosts, queue their trials as SLURM jobs of
+    one cluster and draw them from one study on PostgreSQL: exactly n_trials trials, unique numbers,
+    every one completed, each job accounted for in sacct."""
+    name = "slurm-2-hosts"
+    with system.slurm(tmp_path / "slurm", cpus=2, memory_mb=8192) as cluster:
+        env = {**cluster.env, "PARETUNE_STUDY_STORAGE": pg.url, "PYTHONPATH": str(PROJECT_ROOT)}
+        procs = []
+        for host in ("host-a", "host-b"):
+            (tmp_path / host).mkdir()
+            cmd = [sys.executable, str(APP), "--config-dir", str(PROJECT_ROOT / "conf"), "-m", "hydra/launcher=slurm",
+                   "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "hydra.sweep.dir=multirun",
+                   "x=interval(0,1)", "y=range(1,4)", "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=2",
+                   f"hydra.sweeper.study_name={name}", "sleep_s=3"]  # long enough that both hosts get trials
+            procs.append(subprocess.Popen(cmd, cwd=tmp_path / host, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+        for proc in procs:
+            _, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, err[-4000:]
+        trials = optuna.load_study(study_name=name, storage=S.open_storage(pg.url)).trials
+        assert sorted(t.number for t in trials) == list(range(6))
+        assert all(t.state.name == "COMPLETE" for t in trials), [(t.number, t.state.name) for t in trials]
+        hosts = {Path(t.user_attrs[S.RESULT_PATH]).parts[-4] for t in trials}
+        assert hosts == {"host-a", "host-b"}  # both sweeps ran trials of the one study
+        _wait_for("every job to end", lambda: all(r["State"] not in ("RUNNING", "PENDING", "COMPLETING")
+                                                  for r in cluster.sacct()), 60)
+        rows = cluster.sacct()
+        assert len(rows) == 6 and all(r["State"] == "COMPLETED" and r["AllocCPUS"] == "1" for r in rows), rows

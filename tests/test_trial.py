@@ -214,6 +214,8 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, data_root, 
     assert "no_such_layer" in failed.error["message"]
     assert "Traceback" in failed.error["traceback"]
     assert failed.objectives == {} and failed.metrics == {}
+    memory = failed.cost_info["peak_rss_mb_by_phase"]  # how far memory got, by phase, up to the failure
+    assert {"load", "failed"} <= set(memory["phases"]) and memory["whole"] == max(memory["phases"].values())
     assert "failed: " in proc.stdout  # the sweep table shows the reason
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -83,10 +84,7 @@ class Settled:
         try:
             return list(self.job.results())
         except Exception as exc:  # noqa: BLE001 - submitit's UncompletedJobError, FailedJobError and kin
-            ret = JobReturn()
-            ret.status = JobStatus.FAILED
-            ret._return_value = SchedulerJobError(self.reason(exc))  # noqa: SLF001 - how Hydra stores a failure
-            return [ret]
+            return [failed_return(self.reason(exc))]
 
     def reason(self, exc: BaseException) -> str:
         """``SLURM job 12_3 ended TIMEOUT without a result (log: ...)``: the scheduler's state where it
@@ -98,14 +96,16 @@ class Settled:
         text = str(exc).strip()
         if "has not produced any output" in text:  # submitit's words for a job killed before its result
             what = "without a result"
-        else:
-            what = "with an error: " + (text.splitlines() or [type(exc).__name__])[0]
+        else:  # submitit's FailedJobError: a heading, then the trace; its last line is the error
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            what = "with an error: " + (lines[-1] if lines else type(exc).__name__)
         where = f" (log: {self.job.paths.stderr})" if hasattr(self.job, "paths") else ""
         return f"{self.kind} job {self.job_id} {ended} {what}{where}"
 
     def cancel(self) -> None:
         with contextlib.suppress(Exception):
-            self.job.cancel(check=False)
+            if not self.job.done(force_check=False):  # from what submitit already knows: no sacct call
+                self.job.cancel(check=False)
 
 
 def _executor_class(base: type, resources: Callable[[Sequence[str]], dict[str, Any]] | None,
@@ -113,25 +113,62 @@ def _executor_class(base: type, resources: Callable[[Sequence[str]], dict[str, A
     """An AutoExecutor whose map_array is the one described in the module docstring."""
 
     class Executor(base):  # type: ignore[misc, valid-type]
-        def map_array(self, fn: Callable[..., Any], *iterables: Sequence[Any]) -> list[Settled]:
+        def map_array(self, fn: Callable[..., Any], *iterables: Sequence[Any]) -> list[Any]:
             calls = list(zip(*iterables, strict=True))
             groups: dict[tuple[tuple[str, Any], ...], list[int]] = {}
             for i, args in enumerate(calls):  # args[0]: the job's overrides (the launcher's first argument)
                 wanted = resources(args[0]) if resources is not None else {}
                 key = tuple(sorted((k, v) for k, v in wanted.items() if k in RESOURCE_KEYS and v is not None))
                 groups.setdefault(key, []).append(i)
-            jobs: list[Settled | None] = [None] * len(calls)
+            # the launcher's settings, put back before each group: update_parameters only adds, so one
+            # group's values would otherwise carry over to the next (the dict is shared with the backend)
+            params = self._executor.parameters
+            if kind == "SLURM":  # SLURM itself requeues batch jobs on node failure or preemption by default
+                params["additional_parameters"] = {**(params.get("additional_parameters") or {}),
+                                                   "no_requeue": True}
+            launcher_own = dict(params)
+            jobs: list[Any] = [None] * len(calls)
             for key, members in groups.items():
-                if key:
-                    self.update_parameters(**dict(key))
-                    log.info("jobs %s: %s", [calls[i][2] for i in members], ", ".join(f"{k}={v}" for k, v in key))
-                batch = super().map_array(NoRequeue(fn), *zip(*(calls[i] for i in members), strict=True))
+                params.clear()
+                params.update(launcher_own)
+                asked = ", ".join(f"{k}={v}" for k, v in key)
+                try:
+                    if key:
+                        self.update_parameters(**dict(key))
+                        log.info("jobs %s: %s", [calls[i][2] for i in members], asked)
+                    batch = super().map_array(NoRequeue(fn), *zip(*(calls[i] for i in members), strict=True))
+                except Exception as exc:  # noqa: BLE001 - sbatch refused them: these trials fail, not the sweep
+                    why = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+                    for i in members:
+                        jobs[i] = Refused(f"{kind} refused the job ({asked or 'the launcher settings'}): {why}; "
+                                          "lower cpu.threads or train.memory_limit_mb, or choose another "
+                                          "hydra.launcher.partition")
+                    continue
                 for i, job in zip(members, batch, strict=True):
                     jobs[i] = Settled(job, kind)
-                    submitted.append(jobs[i])  # type: ignore[arg-type]
-            return [j for j in jobs if j is not None]
+                    submitted.append(jobs[i])
+            params.clear()
+            params.update(launcher_own)
+            return jobs
 
     return Executor
+
+
+class Refused:
+    """A job the scheduler would not take: its trial fails with the reason, the others run."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def results(self) -> list[JobReturn]:
+        return [failed_return(self.reason)]
+
+
+def failed_return(reason: str) -> JobReturn:
+    ret = JobReturn()
+    ret.status = JobStatus.FAILED
+    ret._return_value = SchedulerJobError(reason)  # noqa: SLF001 - how Hydra stores a failure
+    return ret
 
 
 @contextlib.contextmanager
@@ -159,7 +196,8 @@ def accounting_problem() -> str | None:
     except (OSError, subprocess.SubprocessError) as exc:
         return f"sacct did not answer: {exc}"
     if out.returncode != 0:
-        return f"sacct failed: {(out.stderr or out.stdout).strip().splitlines()[-1:] or ['no output']}"
+        lines = (out.stderr or out.stdout).strip().splitlines()
+        return f"sacct failed: {lines[-1] if lines else 'no output'}"
     return None
 
 
@@ -187,8 +225,13 @@ class SchedulerLauncher:
                 return list(self.launcher.launch(job_overrides, initial_job_idx=initial_job_idx))
         except BaseException:
             # Ctrl-C or a crash while jobs wait or run: nobody would record them, so they are cancelled
-            for job in submitted:
-                job.cancel()
+            # (a second Ctrl-C meanwhile must not leave the rest running)
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                for job in submitted:
+                    job.cancel()
+            finally:
+                signal.signal(signal.SIGINT, previous)
             if submitted:
                 log.warning("cancelled the sweep's %d submitted job(s): %s", len(submitted),
                             " ".join(j.job_id for j in submitted))
