@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import traceback
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,10 +61,12 @@ class SchedulerStop(Exception):  # noqa: N818 - it is a stop, not an error of th
 
 @contextlib.contextmanager
 def scheduler_signals() -> Iterator[None]:
-    """Inside a SLURM job, turn SLURM's stop signals into SchedulerStop while the trial runs. submitit
+    """Inside a SLURM job, turn SLURM's stop signals into SchedulerStop while the worker runs. submitit
     logs and ignores SIGTERM, so the trial would go on for SLURM's KillWait and could even finish, and
     its signal before the time limit would leave a record-less trial; this stops it at once, with the
-    reason. Outside a submitit job nothing changes."""
+    reason. Once only: a second signal while the stop is recorded is ignored. Before and after the
+    worker's run submitit's own handlers apply (the trial's record is being written or stands).
+    Outside a submitit job nothing changes."""
     if os.environ.get(SUBMITIT_ENV) != "slurm":
         yield
         return
@@ -77,6 +80,8 @@ def scheduler_signals() -> Iterator[None]:
                                "less signal_delay_s) while the trial ran; raise it and run the same command again"}
 
     def stop(signum: int, frame: Any) -> None:
+        for sig in reasons:  # once: the stop must be recorded, not interrupted by the next signal
+            signal.signal(sig, signal.SIG_IGN)
         raise SchedulerStop(reasons[signal.Signals(signum)])
 
     before = {sig: signal.signal(sig, stop) for sig in reasons}
@@ -195,16 +200,18 @@ def run_trial(cfg: DictConfig, trial_dir: Path, trial: dict[str, Any]) -> TrialR
                 and not os.environ.get(SUBMITIT_ENV) else None)
     try:
         with relay.Relay(reporter, trial_dir) if reporter is not None else contextlib.nullcontext():
-            exit_ = runtime.run_worker(trial_dir, runtime.worker_env(cfg), timeout_s, preexec=preexec,
-                                       python=quant.worker_python(cfg.quant, cfg.paths.ipex_python),
-                                       warm_key=warm_key)
+            with scheduler_signals():  # only while the worker runs: before and after, a record stands
+                exit_ = runtime.run_worker(trial_dir, runtime.worker_env(cfg), timeout_s, preexec=preexec,
+                                           python=quant.worker_python(cfg.quant, cfg.paths.ipex_python),
+                                           warm_key=warm_key)
     except KeyboardInterrupt:
         # The worker is already killed (run_worker); the trial still gets its record, as interrupted.
         _record_interrupted(plain, trial, trial_dir)
         raise
     except Exception as exc:  # e.g. the scheduler stopped the job (SchedulerStop): the worker is killed too
-        _record_interrupted(plain, trial, trial_dir, {"type": type(exc).__name__, "message": str(exc),
-                                                      "traceback": ""})
+        _record_interrupted(plain, trial, trial_dir, {
+            "type": type(exc).__name__, "message": str(exc),
+            "traceback": "" if isinstance(exc, SchedulerStop) else traceback.format_exc()})
         raise
     try:
         result, worker_wrote_it = results.read(trial_dir), True
@@ -300,8 +307,7 @@ def main(cfg: DictConfig) -> list[float] | None:
     redact.scrub_files(trial_dir / ".hydra")
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        with scheduler_signals():
-            result = run_trial(cfg, trial_dir, info)
+        result = run_trial(cfg, trial_dir, info)
     except (ConfigError, data.DataError, results.RecordError) as exc:
         log.error("%s", exc)
         if multirun:

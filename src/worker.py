@@ -596,8 +596,9 @@ def main(argv: list[str]) -> int:
         t.timings["worker_wall_s"] = time.perf_counter() - t.started
         # how far memory got, by phase ("failed": since the last phase that ended), for reading an
         # out-of-memory failure; kept out of the metrics, which a failed trial does not have
-        t.peaks.end("failed")
-        t.cost_info["peak_rss_mb_by_phase"] = {**t.peaks.describe(), "whole": t.peaks.peak_mb()}
+        with contextlib.suppress(Exception):  # the record comes first, whatever happens here
+            t.peaks.end("failed")
+            t.cost_info["peak_rss_mb_by_phase"] = {**t.peaks.describe(), "whole": t.peaks.peak_mb()}
         result = t.record("failed", {"type": type(exc).__name__, "message": message,
                                      "traceback": traceback.format_exc()})
     results.write(tdir, result)

@@ -187,7 +187,7 @@ class Slurm:
             "SlurmdUser=root", "ProctrackType=proctrack/pgid", "TaskPlugin=task/none", "MpiDefault=none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/slurmdbd", "AccountingStorageHost=localhost",
-            f"AccountingStoragePort={self.dbd_port}", "ReturnToService=2", "MinJobAge=3600", "KillWait=5",
+            f"AccountingStoragePort={self.dbd_port}", "ReturnToService=2", "MinJobAge=3600", "KillWait=30",
             "SchedulerType=sched/builtin", "SlurmctldTimeout=30", "SlurmdTimeout=30",
             f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}",
             f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd.pid'}",
@@ -220,7 +220,7 @@ class Slurm:
         with contextlib.suppress(Exception):
             self.run("scancel", "--user=root", check=False, timeout=20)
             # let the jobs' steps end before their daemons go (a test that failed may leave some running)
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + 45  # past KillWait: a job that ignores SIGTERM is killed then
             while self.run("squeue", "-h", check=False, timeout=20).stdout.strip() and time.monotonic() < deadline:
                 time.sleep(0.5)
         for p in reversed(self.procs):  # slurmd, slurmctld, slurmdbd, then the database

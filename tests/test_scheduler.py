@@ -91,6 +91,22 @@ def test_a_job_the_scheduler_refuses_fails_its_trial_and_the_others_are_submitte
     assert ok.results() == ["return of 1_0"]
 
 
+def test_a_submission_error_that_is_not_about_resources_stops_the_sweep():
+    # a wrong partition (or slurmctld down) would fail every trial alike: the launcher's error stands
+    class WrongPartition(FakeExecutor):
+        def map_array(self, fn: Any, *iterables: Any) -> list[FakeJob]:
+            raise RuntimeError("sbatch: error: invalid partition specified: cpu")
+
+    executor = scheduler._executor_class(WrongPartition, lambda ovr: {"cpus_per_task": 2}, "SLURM", [])()
+    with pytest.raises(RuntimeError, match="invalid partition"):
+        executor.map_array("launcher", *_launch_args(["cpu.threads=2"]))
+    # nor is a refusal of the launcher's own settings (no trial asked for its own): nothing to blame a trial for
+    refused = scheduler._executor_class(FakeExecutor, lambda ovr: {}, "SLURM", [])()
+    refused.parameters["cpus_per_task"] = 128
+    with pytest.raises(RuntimeError, match="Requested node configuration"):
+        refused.map_array("launcher", *_launch_args(["a=1"]))
+
+
 class Launcher:
     """A picklable stand-in for the launcher submitit sends to the job."""
 
@@ -119,7 +135,11 @@ def test_a_job_the_scheduler_ended_is_a_failed_return_with_its_state():
     failed = FakeJob("14_0", FailedJobError("Job (task=0) failed during processing with trace:\n"
                                             "----------------------\nTraceback (most recent call last):\n"
                                             "  File \"x.py\", line 1, in <module>\n"
-                                            "ModuleNotFoundError: No module named 'src'\n"), state="FAILED")
+                                            "ModuleNotFoundError: No module named 'src'\n\n"
+                                            "----------------------\n"
+                                            "You can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at "
+                                            "paths:\n  - /x/14_0_0_log.err\n  - /x/14_0_0_log.out"),
+                     state="FAILED")
     assert str(scheduler.Settled(failed, "SLURM").results()[0]._return_value) == (
         "SLURM job 14_0 ended FAILED with an error: ModuleNotFoundError: No module named 'src'")
     assert "SLURM job 13_0 ended without a result" in str(scheduler.Settled(nowhere, "SLURM").results()[0]

@@ -74,18 +74,26 @@ def test_a_sweep_runs_as_slurm_jobs_and_a_cancelled_job_fails_only_its_trial(tmp
             assert len(worker) == 1, worker  # the trial's own fresh worker, inside the job
             cluster.run("scancel", job)
             cancelled_at = time.monotonic() - started
-            # another trial that trains gets what SLURM sends signal_delay_s before a job's time limit
-            def other() -> Path | None:
+            # another trial that trains, early in its 15 s budget, gets what SLURM sends signal_delay_s
+            # before a job's time limit
+            def early_in_training() -> Path | None:
                 for c in configs():
-                    d = c.parent
-                    log = d / "train_log.jsonl"
-                    if d != victim and log.exists() and log.stat().st_size and not (d / "result.json").exists():
-                        return d
+                    log = c.parent / "train_log.jsonl"
+                    lines = log.read_text().splitlines() if log.exists() else []
+                    if c.parent != victim and lines and json.loads(lines[-1])["train/elapsed_s"] < 6:
+                        return c.parent
                 return None
 
-            _wait_for("another trial to train", lambda: other() is not None, 300)
-            timed = other()
-            assert timed is not None
+            found: list[Path] = []
+
+            def pick() -> bool:  # one look: the trial chosen is the one signalled
+                chosen = early_in_training()
+                if chosen is not None:
+                    found.append(chosen)
+                return chosen is not None
+
+            _wait_for("another trial early in training", pick, 300)
+            timed = found[0]
             timed_job = json.loads((timed / "trial_config.json").read_text())["trial"]["scheduler_job"]
             # (scancel exits non-zero here although the job's steps get the signal: the trial's record tells)
             cluster.run("scancel", "--signal=USR2", timed_job, check=False)

@@ -39,6 +39,9 @@ log = logging.getLogger("paretune.sweeper")
 LAUNCHER_MODULE = "hydra_plugins.hydra_submitit_launcher"
 # Per-job resources a ``job_resources`` hook may set: submitit's names, common to its executors.
 RESOURCE_KEYS = ("cpus_per_task", "mem_gb")
+# How sbatch says no node can meet a job's request (Slurm 22.05's messages).
+RESOURCE_REFUSALS = ("Requested node configuration is not available", "Memory specification can not be satisfied",
+                     "More processors requested than permitted", "CPU count per node can not be satisfied")
 
 
 class SchedulerError(StudyError):
@@ -96,16 +99,24 @@ class Settled:
         text = str(exc).strip()
         if "has not produced any output" in text:  # submitit's words for a job killed before its result
             what = "without a result"
-        else:  # submitit's FailedJobError: a heading, then the trace; its last line is the error
-            lines = [line.strip() for line in text.splitlines() if line.strip()]
+        else:  # submitit's FailedJobError: a heading, the trace between two dashed rules, then log paths
+            parts = text.split("-" * 22)
+            trace = parts[1] if len(parts) >= 3 else text
+            lines = [line.strip() for line in trace.splitlines() if line.strip()]
             what = "with an error: " + (lines[-1] if lines else type(exc).__name__)
         where = f" (log: {self.job.paths.stderr})" if hasattr(self.job, "paths") else ""
         return f"{self.kind} job {self.job_id} {ended} {what}{where}"
 
+    def finished(self) -> bool:
+        """Whether the job left its result (a file check: no sacct call, which could hang)."""
+        try:
+            return bool(self.job.paths.result_pickle.exists())
+        except Exception:  # noqa: BLE001 - a job without paths: take it as still running
+            return False
+
     def cancel(self) -> None:
         with contextlib.suppress(Exception):
-            if not self.job.done(force_check=False):  # from what submitit already knows: no sacct call
-                self.job.cancel(check=False)
+            self.job.cancel(check=False)
 
 
 def _executor_class(base: type, resources: Callable[[Sequence[str]], dict[str, Any]] | None,
@@ -137,7 +148,12 @@ def _executor_class(base: type, resources: Callable[[Sequence[str]], dict[str, A
                         self.update_parameters(**dict(key))
                         log.info("jobs %s: %s", [calls[i][2] for i in members], asked)
                     batch = super().map_array(NoRequeue(fn), *zip(*(calls[i] for i in members), strict=True))
-                except Exception as exc:  # noqa: BLE001 - sbatch refused them: these trials fail, not the sweep
+                except Exception as exc:
+                    # sbatch refused what these trials asked for: they fail, the sweep goes on. Anything
+                    # else (slurmctld down, a wrong partition or account) would fail every trial alike,
+                    # so it stops the sweep, as the launcher alone would.
+                    if not (key and any(m in str(exc) for m in RESOURCE_REFUSALS)):
+                        raise
                     why = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
                     for i in members:
                         jobs[i] = Refused(f"{kind} refused the job ({asked or 'the launcher settings'}): {why}; "
@@ -201,6 +217,19 @@ def accounting_problem() -> str | None:
     return None
 
 
+def cancel(jobs: list[Settled], kind: str) -> None:
+    """Cancel jobs: SLURM's in one scancel with a time limit (a hung controller must not hold the sweep
+    past Ctrl-C), submitit's local ones one by one."""
+    if not jobs:
+        return
+    if kind == "SLURM":
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(["scancel", *(j.job_id for j in jobs)], capture_output=True, timeout=60)
+        return
+    for job in jobs:
+        job.cancel()
+
+
 class SchedulerLauncher:
     """Hydra's submitit launcher with the behaviour above; everything else is the launcher's own."""
 
@@ -228,8 +257,7 @@ class SchedulerLauncher:
             # (a second Ctrl-C meanwhile must not leave the rest running)
             previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
             try:
-                for job in submitted:
-                    job.cancel()
+                cancel([job for job in submitted if not job.finished()], self.kind)
             finally:
                 signal.signal(signal.SIGINT, previous)
             if submitted:
