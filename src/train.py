@@ -206,10 +206,10 @@ def run_trial(cfg: DictConfig, trial_dir: Path, trial: dict[str, Any]) -> TrialR
                                            warm_key=warm_key)
     except KeyboardInterrupt:
         # The worker is already killed (run_worker); the trial still gets its record, as interrupted.
-        _record_interrupted(plain, trial, trial_dir)
+        _record_cut_short(plain, trial, trial_dir)
         raise
     except Exception as exc:  # e.g. the scheduler stopped the job (SchedulerStop): the worker is killed too
-        _record_interrupted(plain, trial, trial_dir, {
+        _record_cut_short(plain, trial, trial_dir, {
             "type": type(exc).__name__, "message": str(exc),
             "traceback": "" if isinstance(exc, SchedulerStop) else traceback.format_exc()})
         raise
@@ -233,8 +233,8 @@ def run_trial(cfg: DictConfig, trial_dir: Path, trial: dict[str, Any]) -> TrialR
     return result
 
 
-def _record_interrupted(plain: dict[str, Any], trial: dict[str, Any], trial_dir: Path,
-                        error: dict[str, str] | None = None) -> None:
+def _record_cut_short(plain: dict[str, Any], trial: dict[str, Any], trial_dir: Path,
+                      error: dict[str, str] | None = None) -> None:
     if (trial_dir / results.RESULT_FILE).exists():
         return  # the worker finished its record just before the interrupt: it stands
     result = _failed_without_record(plain, trial, error or {

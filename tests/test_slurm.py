@@ -39,6 +39,12 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _all_ended(cluster: system.Slurm) -> bool:
+    """Every job in sacct has ended (a job's result is written just before its process exits, so SLURM
+    may still call it RUNNING when the sweep is done)."""
+    return all(r["State"] not in ("RUNNING", "PENDING", "COMPLETING") for r in cluster.sacct())
+
+
 def _wait_for(what: str, ok, timeout_s: float) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout_s
     while not ok():
@@ -118,9 +124,7 @@ def test_a_sweep_runs_as_slurm_jobs_and_a_cancelled_job_fails_only_its_trial(tmp
         assert sorted(t.params["lora.r"] for t in trials if t.state.name == "COMPLETE") == sorted(
             set(RANKS) - lost_ranks)
         # each job ran its trial's worker in the job, with the trial's resources; sacct says what SLURM saw
-        # (a job's result is written just before its process exits: SLURM may still call it RUNNING)
-        _wait_for("every job to end", lambda: all(r["State"] not in ("RUNNING", "PENDING", "COMPLETING")
-                                                  for r in cluster.sacct()), 60)
+        _wait_for("every job to end", lambda: _all_ended(cluster), 60)
         rows = {r["JobID"]: r for r in cluster.sacct()}
         assert rows[job]["State"].startswith("CANCELLED"), rows
         done = [t for t in trials if t.state.name == "COMPLETE"]
@@ -140,8 +144,7 @@ def test_a_sweep_runs_as_slurm_jobs_and_a_cancelled_job_fails_only_its_trial(tmp
         assert len(trials) == 6 and all(t.state.name == "COMPLETE" for t in trials[4:])
         assert {t.params["lora.r"] for t in trials[4:]} == lost_ranks
         assert sorted(t.params["lora.r"] for t in trials if t.state.name == "COMPLETE") == sorted(RANKS)
-        _wait_for("every job to end", lambda: all(r["State"] not in ("RUNNING", "PENDING", "COMPLETING")
-                                                  for r in cluster.sacct()), 60)
+        _wait_for("every job to end", lambda: _all_ended(cluster), 60)
         rows = cluster.sacct()
         assert len(rows) == 6 and all(r["State"] == "COMPLETED" for r in rows[-2:]), rows
         print("after the same command again:\n" + "\n".join("|".join(r.values()) for r in rows))
@@ -206,7 +209,6 @@ def test_two_sweeps_from_two_submit_hosts_share_one_postgresql_study_through_slu
         assert all(t.state.name == "COMPLETE" for t in trials), [(t.number, t.state.name) for t in trials]
         hosts = {Path(t.user_attrs[S.RESULT_PATH]).parts[-4] for t in trials}
         assert hosts == {"host-a", "host-b"}  # both sweeps ran trials of the one study
-        _wait_for("every job to end", lambda: all(r["State"] not in ("RUNNING", "PENDING", "COMPLETING")
-                                                  for r in cluster.sacct()), 60)
+        _wait_for("every job to end", lambda: _all_ended(cluster), 60)
         rows = cluster.sacct()
         assert len(rows) == 6 and all(r["State"] == "COMPLETED" and r["AllocCPUS"] == "1" for r in rows), rows
