@@ -5,10 +5,11 @@ The worker holds no study credentials (runtime._SECRET_ENV), so it never talks t
 ``signal.jsonl`` in the trial folder and waits for the answer. This relay, a thread of the parent
 beside ``runtime.run_worker``, reports each new value to the trial (``src.sweeper.pruning.Reporter``),
 writes ``prune.json`` when the study's pruner says stop, and answers every report in ``decided.json``
-(the step, and whether to stop). The worker stops at the step it reported, so a pruned trial does not
-pay one more step (about as long as a report's wait is short: measured, a step is seconds, a decision
-milliseconds). Files rather than a pipe: the worker may be a fresh process or a fork of a warm worker,
-and what it reported stays with its trial.
+(the step, whether to stop, and the first step at which the next report can change anything: the
+worker skips the reports the pruner would not read). The worker stops at the step it reported, so a
+pruned trial does not pay one more step (about as long as a report's wait is short: measured, a step
+is seconds, a decision milliseconds). Files rather than a pipe: the worker may be a fresh process or a
+fork of a warm worker, and what it reported stays with its trial.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class Relay:
     def __enter__(self) -> Relay:
         for path in (self.signal, self.prune, self.decided):
             path.unlink(missing_ok=True)
+        try:  # step 0: no report yet; the worker reads when its first report is due from here
+            results.atomic_write_json(self.decided, {"step": 0, "prune": False, "next": self._next()})
+        except OSError as exc:  # the worker then reports at every cadence step
+            log.warning("could not tell the trial when its first report is due (%s)", exc)
         self._thread.start()
         return self
 
@@ -53,6 +58,12 @@ class Relay:
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_s):
             self.drain()
+
+    def _next(self) -> int | None:
+        """The first step at which the worker's next report can change anything (None: its next cadence
+        step): the pruner reads some steps only (src.sweeper.pruning.Rungs), and a report costs seconds."""
+        due = getattr(self.reporter, "next_due", None)
+        return None if due is None else due()
 
     def drain(self) -> None:
         """Report every complete line written since the last call, and answer each (after the trial is
@@ -83,6 +94,6 @@ class Relay:
                     self.pruned_at = step
                     results.atomic_write_json(self.prune, {"step": step, "value": value})
                 # the worker waits for this answer (prune.json first: it is what the worker records)
-                results.atomic_write_json(self.decided, {"step": step, "prune": stop})
+                results.atomic_write_json(self.decided, {"step": step, "prune": stop, "next": self._next()})
             except OSError as exc:  # the worker's wait runs out, then it trains on; the relay goes on
                 log.warning("could not answer the trial's report of step %d (%s)", step, exc)

@@ -334,9 +334,10 @@ def _train_loop(t: Trial, net: Any, inputs: Inputs, signal: Any) -> Any:
 
 def _signal(t: Trial, net: Any, inputs: Inputs) -> Any:
     """When the sweep prunes (``trial.reports_signal``, set by the parent): every ``eval.signal_every``
-    steps and at the last step (a trial pruned there skips its whole evaluation), the eval loss on the
-    ``eval.signal_examples`` shortest eval examples goes to signal.jsonl, which the parent relays to the
-    study (src/relay.py); the worker then waits for the parent's answer. Returns True, ending training
+    steps and at the last step (a trial pruned there skips its whole evaluation), from the step the
+    relay's last answer says the pruner reads next on, the eval loss on the ``eval.signal_examples``
+    shortest eval examples goes to signal.jsonl, which the parent relays to the study (src/relay.py);
+    the worker then waits for the parent's answer. Returns True, ending training
     at the reported step, when the study's pruner stopped the trial. None when the sweep does not prune."""
     if not t.cfg.trial.get("reports_signal"):
         return None
@@ -353,6 +354,10 @@ def _signal(t: Trial, net: Any, inputs: Inputs) -> Any:
     t.timings["signal_s"] = 0.0
     t.artifacts["signal"] = results.SIGNAL_FILE
     patience = DECISION_WAIT_S  # after one unanswered report, the next are not waited for until answered
+    # The first step at which a report can change anything (the relay's answers say; None: every cadence
+    # step). Successive halving reads only its rungs: a report between two is a second or more for nothing.
+    first, _ = results.load(trial_dir / results.DECIDED_FILE)
+    due: int | None = (first or {}).get("next")
 
     def stop_at(step: int) -> bool:
         decided, _ = results.load(prune_path)
@@ -360,10 +365,10 @@ def _signal(t: Trial, net: Any, inputs: Inputs) -> Any:
         return True
 
     def reports(step: int) -> bool:
-        return step % every == 0 or step == last
+        return (step % every == 0 or step == last) and (due is None or step >= due)
 
     def on_step(step: int) -> bool:
-        nonlocal patience
+        nonlocal patience, due
         if prune_path.exists():  # an answer that came after its wait ran out
             return stop_at(step)
         if not reports(step):
@@ -376,6 +381,7 @@ def _signal(t: Trial, net: Any, inputs: Inputs) -> Any:
             fh.write(json.dumps({"step": step, "value": value}) + "\n")
         answer = _await_decision(trial_dir / results.DECIDED_FILE, step, patience, prune_path)
         patience = DECISION_WAIT_S if answer is not None else 0.0
+        due = answer.get("next") if answer is not None else None  # unanswered: report at the next cadence step
         t.timings["signal_s"] += time.perf_counter() - t0  # the wait for the answer is the signal's cost too
         return stop_at(step) if answer is not None and answer.get("prune") else False
 

@@ -264,6 +264,55 @@ def test_the_pruners_view_has_one_direction_and_values_trials_by_their_last_sign
     assert worse.number not in pruning.pruned_steps(study.trials)  # reporting does not end the trial
 
 
+def test_successive_halving_reads_only_its_rungs_and_other_pruners_any_step():
+    """Rungs.of: the steps successive halving judges a trial at, from its own settings; None (report
+    at every step) for an 'auto' min_resource and for every other pruner."""
+    sh = optuna.pruners.SuccessiveHalvingPruner
+    rungs = pruning.Rungs.of(sh(min_resource=2, reduction_factor=3))
+    assert rungs is not None and [rungs.after(s) for s in (0, 1, 2, 5, 6, 17, 18)] == [2, 2, 6, 6, 18, 18, 54]
+    assert pruning.Rungs.of(sh(min_resource=4, reduction_factor=2, min_early_stopping_rate=1)).after(0) == 8
+    for other in (sh(), optuna.pruners.MedianPruner(), optuna.pruners.HyperbandPruner(min_resource=2),
+                  optuna.pruners.PatientPruner(sh(min_resource=2), patience=1), optuna.pruners.NopPruner()):
+        assert pruning.Rungs.of(other) is None, other
+
+
+@pytest.mark.parametrize("objectives", [1, 2])
+def test_a_trial_that_reports_only_when_due_is_judged_as_one_that_reports_every_step(objectives):
+    """The same eight curves through successive halving twice, in two studies: once reporting every
+    step, once only where the reporter says a report is due. The same trials are pruned, at the same
+    steps, with a fraction of the reports."""
+    def run(sparse: bool) -> tuple[list[tuple[TrialState, int | None]], int]:
+        study = optuna.create_study(directions=["minimize"] * objectives)
+        pruning.remember_memory(study.study_name, study._storage)  # noqa: SLF001
+        outcome, reports = [], 0
+        for x in (1.0, 0.5, 2.0, 0.1, 1.5, 0.3, 3.0, 0.2):
+            trial = study.ask()
+            override = pruning.env_override(study.study_name, trial.number, "minimize", 1.0)
+            report = pruning.reporter(storage=None, pruner={
+                "_target_": "optuna.pruners.SuccessiveHalvingPruner", "min_resource": 2, "reduction_factor": 3},
+                environ={pruning.ENV: override.split("=", 1)[1].strip("'")})
+            assert report is not None and report.next_due() == 2
+            pruned_at = None
+            for step in range(1, 21):
+                if sparse and not report.due(step):
+                    continue
+                reports += 1
+                if report.report(step, loss(x, step) + 0.01 * step * x):
+                    pruned_at = step
+                    break
+            if pruned_at is None:
+                study.tell(trial, [x] * objectives)
+            else:
+                study.tell(trial, state=TrialState.PRUNED)
+            outcome.append((study.trials[-1].state, pruned_at))
+        return outcome, reports
+
+    (dense, n_dense), (sparse, n_sparse) = run(False), run(True)
+    assert sparse == dense
+    assert {step for _, step in dense} == {None, 2, 6}  # pruned at both rungs before the last step, some not
+    assert n_sparse < n_dense / 3
+
+
 @pytest.mark.slow
 def test_a_trial_of_the_real_cli_is_pruned_after_its_first_report(tmp_path, data_root, cache_dir):
     """paretune's own sweep on the tiny model with a threshold pruner that stops every trial at its first
@@ -332,7 +381,8 @@ def test_the_relay_answers_every_report_and_the_worker_waits_for_the_answer(tmp_
             with open(signal, "a") as fh:
                 fh.write(json.dumps({"step": step, "value": value}) + "\n")
             t0 = time.perf_counter()
-            assert worker._await_decision(decided, step) == {"step": step, "prune": prune}
+            # (next: None: this reporter does not say when the next report is due, so every one is)
+            assert worker._await_decision(decided, step) == {"step": step, "prune": prune, "next": None}
             assert time.perf_counter() - t0 < 5
             assert pruned.exists() == prune  # written before the answer: the worker records its value
         assert rl.pruned_at == 4
@@ -340,6 +390,37 @@ def test_the_relay_answers_every_report_and_the_worker_waits_for_the_answer(tmp_
     assert json.loads(pruned.read_text()) == {"step": 4, "value": 2.9}
     # a 'stop' whose answer came after the worker's wait ran out is an answer to its next report
     assert worker._await_decision(tmp_path / "none.json", 8, wait_s=5, pruned=pruned) == {"step": 8, "prune": True}
+
+
+def test_under_successive_halving_the_worker_reports_only_at_the_rungs(tmp_path, monkeypatch):
+    """The channel whole (worker._signal, the relay, a Reporter on an in-memory study): with rungs at
+    steps 2 and 6, a 10-step trial reporting every 2 steps reports at 2 and 6 only, the relay's answers
+    saying when the next report is due; the last step (10) is not a rung, so it is not reported either."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from src import evaluate, relay, worker
+    from src import results as R
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    pruning.remember_memory(study.study_name, study._storage)  # noqa: SLF001
+    override = pruning.env_override(study.study_name, study.ask().number, "minimize", 1.0)
+    reporter = pruning.reporter(storage=None, pruner={
+        "_target_": "optuna.pruners.SuccessiveHalvingPruner", "min_resource": 2, "reduction_factor": 3},
+        environ={pruning.ENV: override.split("=", 1)[1].strip("'")})
+    monkeypatch.setattr(evaluate, "eval_loss", lambda net, ex, bs, pad: 2.0)
+    inputs = SimpleNamespace(train_examples=[], pad_id=0, eval_examples=[SimpleNamespace(input_ids=[1])])
+    cfg = OmegaConf.create({"trial": {"reports_signal": True}, "eval": {"signal_every": 2, "signal_examples": 1},
+                            "train": {"max_steps": 10, "epochs": None, "batch_size": 1}})
+    with relay.Relay(reporter, tmp_path):
+        assert json.loads((tmp_path / R.DECIDED_FILE).read_text()) == {"step": 0, "prune": False, "next": 2}
+        on_step = worker._signal(worker.Trial(cfg=cfg, trial_dir=tmp_path), SimpleNamespace(
+            eval=lambda: None, train=lambda: None), inputs)
+        assert [step for step in range(1, 11) if on_step(step)] == []  # the first trial passes its rungs
+    assert [json.loads(x)["step"] for x in (tmp_path / R.SIGNAL_FILE).read_text().splitlines()] == [2, 6]
+    assert json.loads((tmp_path / R.DECIDED_FILE).read_text()) == {"step": 6, "prune": False, "next": 18}
+    assert pruning.signal_values(study._storage.get_trial(0)) == {2: 2.0, 6: 2.0}  # noqa: SLF001
 
 
 def test_the_worker_reports_at_its_cadence_and_last_step_on_the_shortest_examples(tmp_path, monkeypatch):

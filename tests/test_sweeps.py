@@ -9,6 +9,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig
 
 from src import metrics as M
 from src.config import PROJECT_ROOT
@@ -54,6 +55,26 @@ def test_each_ready_study_composes_and_every_extreme_passes_preflight(name, cfg_
 def test_the_ready_studies_and_wandb_sweep_files_exist():
     assert {"smoke", "rank_lr", "rank_quant_threads"} <= set(STUDIES)
     assert len(WANDB_SWEEPS) >= 2
+
+
+def test_the_pruned_study_searches_what_rank_lr_searches_and_reports_on_its_rungs():
+    """sweep=rank_lr_pruned is compared with sweep=rank_lr (python -m analysis compare): the same space,
+    sampler and seed, only a pruner added; its rungs fall on the trials' report cadence."""
+    from hydra.utils import instantiate
+
+    from src.sweeper import pruning
+
+    def composed(name: str) -> DictConfig:
+        with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+            return compose("train", overrides=[f"sweep={name}"], return_hydra_config=True)
+
+    plain, pruned = composed("rank_lr"), composed("rank_lr_pruned")
+    for key in ("params", "sampler", "direction", "_target_"):
+        assert pruned.hydra.sweeper[key] == plain.hydra.sweeper[key], key
+    assert plain.hydra.sweeper.pruner._target_ == "optuna.pruners.NopPruner"
+    rungs = pruning.Rungs.of(instantiate(pruned.hydra.sweeper.pruner))
+    assert rungs is not None and (rungs.after(0), rungs.after(2)) == (2, 6)
+    assert all(r % pruned.eval.signal_every == 0 for r in (rungs.after(0), rungs.after(2)))
 
 
 def _expand(sweep: dict, params: dict) -> list[str]:

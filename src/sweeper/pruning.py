@@ -33,6 +33,7 @@ import copy
 import math
 import os
 from collections.abc import Callable, Container, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -123,6 +124,16 @@ class Reporter:
         self.study = optuna.load_study(study_name=study_name, storage=view, pruner=pruner)
         self.trial_id = storage.get_trial_id_from_study_id_trial_number(self.study._study_id, trial_number)  # noqa: SLF001
         self.last_step: int | None = None
+        self.rungs = Rungs.of(pruner)  # before any prune(): an 'auto' min_resource is still unknown then
+
+    def next_due(self) -> int | None:
+        """The first step after the last report at which a report can change anything; None: every step."""
+        return None if self.rungs is None else self.rungs.after(self.last_step or 0)
+
+    def due(self, step: int) -> bool:
+        """Whether a report at ``step`` can change anything: a job skips the costly signal where it cannot."""
+        due = self.next_due()
+        return due is None or step >= due
 
     def report(self, step: int, value: float) -> bool:
         """Store the signal at ``step`` (as reported; negated when it runs against the objective) and
@@ -132,6 +143,45 @@ class Reporter:
         self.last_step = int(step)
         trial = self.study._storage.get_trial(self.trial_id)  # noqa: SLF001
         return bool(self.study.pruner.prune(self.study, trial))
+
+
+@dataclass(frozen=True)
+class Rungs:
+    """The steps at which a pruner judges a trial, where that is all it reads: ``base * factor ** (rate + k)``."""
+
+    base: int
+    factor: int
+    rate: int
+
+    @classmethod
+    def of(cls, pruner: optuna.pruners.BasePruner) -> Rungs | None:
+        """Successive halving's rungs; None for a pruner that may read any step.
+
+        Successive halving with a fixed ``min_resource`` judges a trial only at its rungs, on the value
+        of its first report at or past each one: a report between two rungs is never read, so a trial
+        that skips it is judged exactly as one that made it, and saves its cost (a second or more per
+        report for paretune). With ``min_resource: auto`` the pruner estimates it from the finished
+        trials' last steps, so they must report to the end; the median and percentile pruners take a
+        trial's best value over all its steps, the others (Hyperband's brackets, Wilcoxon, patience,
+        thresholds) any step: all of them get every report. Optuna's pruners do not say which steps
+        they read; this reads the settings successive halving keeps (``_min_resource``...) when the
+        pruner is built, before it could estimate one, and falls back to every step where they are not there.
+        """
+        if type(pruner) is not optuna.pruners.SuccessiveHalvingPruner:  # a subclass may judge differently
+            return None
+        base, factor, rate = (getattr(pruner, f"_{a}", None) for a in ("min_resource", "reduction_factor",
+                                                                       "min_early_stopping_rate"))
+        if not (isinstance(base, int) and isinstance(factor, int) and isinstance(rate, int)) \
+                or base < 1 or factor < 2 or rate < 0:
+            return None
+        return cls(base, factor, rate)
+
+    def after(self, step: int) -> int:
+        """The first rung past ``step``."""
+        k = 0
+        while (rung := self.base * self.factor ** (self.rate + k)) <= step:
+            k += 1
+        return rung
 
 
 ENV_OVERRIDE = f"++hydra.job.env_set.{ENV}="  # ++: added, or replaced if the app sets it

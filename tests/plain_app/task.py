@@ -26,8 +26,8 @@ def binh_korn(cfg: DictConfig) -> tuple[float, float]:
 
 @hydra.main(config_path="conf", config_name="curve", version_base="1.3")
 def curve(cfg: DictConfig) -> float | tuple[float, float]:
-    """A loss that falls with the steps, higher for larger |x|, reported at every step: the pruner
-    stops the trials whose curve is worse than the earlier trials' at the same step."""
+    """A loss that falls with the steps, higher for larger |x|, reported at every step the pruner reads:
+    it stops the trials whose curve is worse than the earlier trials' at the same step."""
     from optuna import TrialPruned
 
     from hydra_plugins.paretune_sweepers import reporter
@@ -36,7 +36,7 @@ def curve(cfg: DictConfig) -> float | tuple[float, float]:
     loss = 0.0
     for step in range(cfg.steps):
         loss = (float(cfg.x) ** 2 + 1) * (1 + 1 / (step + 1))
-        if report is not None and report.report(step, loss):
+        if report is not None and report.due(step) and report.report(step, loss):
             raise TrialPruned(f"pruned at step {step}")
     return loss if cfg.objectives == 1 else (loss, abs(float(cfg.x)))
 
