@@ -84,16 +84,19 @@ class Relay:
                 log.warning("a line of the trial's signal could not be read; it is not reported")
                 continue
             stop = self.pruned_at is not None  # once pruned, every later report is answered 'stop'
+            judged = True
             if not stop:
                 try:
                     stop = bool(self.reporter.report(step, value))
                 except Exception as exc:  # noqa: BLE001 - a lost report never fails the trial: it trains on
+                    judged = False  # its rung is not passed: the next cadence step reports again
                     log.warning("could not report the trial's signal to its study (%s); it trains on", exc)
             try:
                 if stop and self.pruned_at is None:
                     self.pruned_at = step
                     results.atomic_write_json(self.prune, {"step": step, "value": value})
                 # the worker waits for this answer (prune.json first: it is what the worker records)
-                results.atomic_write_json(self.decided, {"step": step, "prune": stop, "next": self._next()})
+                results.atomic_write_json(self.decided, {"step": step, "prune": stop,
+                                                        "next": self._next() if judged else None})
             except OSError as exc:  # the worker's wait runs out, then it trains on; the relay goes on
                 log.warning("could not answer the trial's report of step %d (%s)", step, exc)
