@@ -42,7 +42,8 @@ class Relay:
         for path in (self.signal, self.prune, self.decided):
             path.unlink(missing_ok=True)
         try:  # step 0: no report yet; the worker reads when its first report is due from here
-            results.atomic_write_json(self.decided, {"step": 0, "prune": False, "next": self._next()})
+            results.atomic_write_json(self.decided, {"step": 0, "prune": False,
+                                                    "next": self.reporter.next_due()})
         except OSError as exc:  # the worker then reports at every cadence step
             log.warning("could not tell the trial when its first report is due (%s)", exc)
         self._thread.start()
@@ -58,12 +59,6 @@ class Relay:
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_s):
             self.drain()
-
-    def _next(self) -> int | None:
-        """The first step at which the worker's next report can change anything (None: its next cadence
-        step): the pruner reads some steps only (src.sweeper.pruning.Rungs), and a report costs seconds."""
-        due = getattr(self.reporter, "next_due", None)
-        return None if due is None else due()
 
     def drain(self) -> None:
         """Report every complete line written since the last call, and answer each (after the trial is
@@ -97,6 +92,6 @@ class Relay:
                     results.atomic_write_json(self.prune, {"step": step, "value": value})
                 # the worker waits for this answer (prune.json first: it is what the worker records)
                 results.atomic_write_json(self.decided, {"step": step, "prune": stop,
-                                                        "next": self._next() if judged else None})
+                                                        "next": self.reporter.next_due() if judged else None})
             except OSError as exc:  # the worker's wait runs out, then it trains on; the relay goes on
                 log.warning("could not answer the trial's report of step %d (%s)", step, exc)

@@ -30,7 +30,7 @@ BASELINE_PER_EXAMPLE = "baseline_per_example.jsonl"  # the same for the untuned 
 WORKER_LOG = "worker.log"            # the worker's stdout and stderr
 SIGNAL_FILE = "signal.jsonl"         # when the sweep prunes: the worker's intermediate values, step by step
 PRUNE_FILE = "prune.json"            # written by the parent when the study's pruner stops the trial
-DECIDED_FILE = "decided.json"        # the parent's answer to the latest report: {"step", "prune"}
+DECIDED_FILE = "decided.json"        # the parent's answer to the latest report: {"step", "prune", "next"}
 STATUSES = ("completed", "failed", "pruned")
 
 

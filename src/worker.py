@@ -395,7 +395,7 @@ DECISION_WAIT_S = 10.0  # a report the parent cannot answer by then (its databas
 
 def _await_decision(decided: Path, step: int, wait_s: float = DECISION_WAIT_S,
                     pruned: Path | None = None) -> dict[str, Any] | None:
-    """The parent's answer to the report of ``step`` (src/relay.py: ``{"step", "prune"}``), or None when
+    """The parent's answer to the report of ``step`` (src/relay.py: ``{"step", "prune", "next"}``), or None when
     it did not come in ``wait_s``. A ``pruned`` file (the study stopped the trial at an earlier report
     whose answer came late) is an answer too: stop."""
     deadline = time.monotonic() + wait_s

@@ -359,6 +359,9 @@ class _Reporter:
     def __init__(self, stop_at: int) -> None:
         self.stop_at, self.seen = stop_at, []
 
+    def next_due(self) -> None:
+        return None  # it does not know the pruner's schedule: every cadence step is due
+
     def report(self, step: int, value: float) -> bool:
         if value < 0:
             raise ConnectionError("database unreachable")
