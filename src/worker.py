@@ -356,8 +356,10 @@ def _signal(t: Trial, net: Any, inputs: Inputs) -> Any:
     patience = DECISION_WAIT_S  # after one unanswered report, the next are not waited for until answered
     # The first step at which a report can change anything (the relay's answers say; None: every cadence
     # step). Successive halving reads only its rungs: a report between two is a second or more for nothing.
-    first, _ = results.load(trial_dir / results.DECIDED_FILE)
+    decided_path = trial_dir / results.DECIDED_FILE
+    first, _ = results.load(decided_path)
     due: int | None = (first or {}).get("next")
+    pending: int | None = None  # a report whose answer did not come in time: a late one still says what is due
 
     def stop_at(step: int) -> bool:
         decided, _ = results.load(prune_path)
@@ -368,9 +370,13 @@ def _signal(t: Trial, net: Any, inputs: Inputs) -> Any:
         return (step % every == 0 or step == last) and (due is None or step >= due)
 
     def on_step(step: int) -> bool:
-        nonlocal patience, due
+        nonlocal patience, due, pending
         if prune_path.exists():  # an answer that came after its wait ran out
             return stop_at(step)
+        if pending is not None:
+            late, _ = results.load(decided_path)
+            if late is not None and int(late.get("step", -1)) >= pending:
+                due, pending = late.get("next"), None
         if not reports(step):
             return False
         t0 = time.perf_counter()
@@ -379,9 +385,10 @@ def _signal(t: Trial, net: Any, inputs: Inputs) -> Any:
         net.train()
         with open(signal_path, "a") as fh:
             fh.write(json.dumps({"step": step, "value": value}) + "\n")
-        answer = _await_decision(trial_dir / results.DECIDED_FILE, step, patience, prune_path)
+        answer = _await_decision(decided_path, step, patience, prune_path)
         patience = DECISION_WAIT_S if answer is not None else 0.0
-        due = answer.get("next") if answer is not None else None  # unanswered: report at the next cadence step
+        # unanswered: every cadence step is due until an answer (to this report or a later one) comes
+        due, pending = (answer.get("next"), None) if answer is not None else (None, step)
         t.timings["signal_s"] += time.perf_counter() - t0  # the wait for the answer is the signal's cost too
         return stop_at(step) if answer is not None and answer.get("prune") else False
 

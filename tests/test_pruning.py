@@ -6,6 +6,7 @@ two workers sharing one study."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -276,41 +277,64 @@ def test_successive_halving_reads_only_its_rungs_and_other_pruners_any_step():
         assert pruning.Rungs.of(other) is None, other
 
 
-@pytest.mark.parametrize("objectives", [1, 2])
-def test_a_trial_that_reports_only_when_due_is_judged_as_one_that_reports_every_step(objectives):
-    """The same eight curves through successive halving twice, in two studies: once reporting every
-    step, once only where the reporter says a report is due. The same trials are pruned, at the same
-    steps, with a fraction of the reports."""
-    def run(sparse: bool) -> tuple[list[tuple[TrialState, int | None]], int]:
+CURVES = (1.0, 0.5, 2.0, 0.1, 1.5, 0.3, 3.0, 0.2, float("nan"), 0.7, 0.05, 2.5)  # nan: a diverged trial
+
+
+@pytest.mark.parametrize(("objectives", "every", "last", "settings"), [
+    (1, 1, 20, {}),
+    (2, 1, 20, {}),
+    (1, 4, 20, {}),                                  # reports at 4, 8...: each judges the rung just passed
+    (2, 5, 23, {}),                                  # a last step that is no cadence step and no rung
+    (1, 3, 26, {"min_early_stopping_rate": 1}),      # rungs at 6 and 18
+    (1, 2, 19, {"bootstrap_count": 2}),              # nobody goes on until 2 trials reached the rung
+    (1, 7, 20, {}),                                  # one report past two rungs at once (2 and 6 at step 7)
+])
+def test_a_trial_that_reports_only_when_due_is_judged_as_one_that_reports_every_step(objectives, every, last,
+                                                                                      settings):
+    """The same twelve curves through successive halving twice, in two studies, as the worker reports
+    (every ``every`` steps and at the last): once at each of these steps, once only where the reporter
+    says a report is due. The same trials are pruned at the same steps, on the same values at each rung
+    (successive halving's ``completed_rung_*`` attrs), with fewer reports."""
+    pruner = {"_target_": "optuna.pruners.SuccessiveHalvingPruner", "min_resource": 2, "reduction_factor": 3,
+              **settings}
+    first = pruning.Rungs.of(optuna.pruners.SuccessiveHalvingPruner(**{k: v for k, v in pruner.items()
+                                                                        if k != "_target_"}))
+    assert first is not None
+
+    def run(sparse: bool) -> tuple[list[tuple[TrialState, int | None, dict]], int]:
         study = optuna.create_study(directions=["minimize"] * objectives)
         pruning.remember_memory(study.study_name, study._storage)  # noqa: SLF001
         outcome, reports = [], 0
-        for x in (1.0, 0.5, 2.0, 0.1, 1.5, 0.3, 3.0, 0.2):
+        for x in CURVES:
             trial = study.ask()
             override = pruning.env_override(study.study_name, trial.number, "minimize", 1.0)
-            report = pruning.reporter(storage=None, pruner={
-                "_target_": "optuna.pruners.SuccessiveHalvingPruner", "min_resource": 2, "reduction_factor": 3},
-                environ={pruning.ENV: override.split("=", 1)[1].strip("'")})
-            assert report is not None and report.next_due() == 2
+            report = pruning.reporter(storage=None, pruner=pruner,
+                                      environ={pruning.ENV: override.split("=", 1)[1].strip("'")})
+            assert report is not None and report.next_due() == first.after(0)
             pruned_at = None
-            for step in range(1, 21):
-                if sparse and not report.due(step):
+            for step in range(1, last + 1):
+                if step % every and step != last or (sparse and not report.due(step)):
                     continue
                 reports += 1
                 if report.report(step, loss(x, step) + 0.01 * step * x):
                     pruned_at = step
                     break
             if pruned_at is None:
-                study.tell(trial, [x] * objectives)
+                study.tell(trial, [0.0 if math.isnan(x) else x] * objectives)
             else:
                 study.tell(trial, state=TrialState.PRUNED)
-            outcome.append((study.trials[-1].state, pruned_at))
+            done = study.trials[-1]
+            outcome.append((done.state, pruned_at,
+                            {k: v for k, v in done.system_attrs.items() if k.startswith("completed_rung")}))
         return outcome, reports
 
     (dense, n_dense), (sparse, n_sparse) = run(False), run(True)
     assert sparse == dense
-    assert {step for _, step in dense} == {None, 2, 6}  # pruned at both rungs before the last step, some not
-    assert n_sparse < n_dense / 3
+    stops = {step for _, step, _ in dense}
+    assert stops - {None}, stops  # the comparison is not empty: the pruner stopped some trials
+    if every == 1 and not settings:
+        assert stops == {None, 2, 6}  # at both rungs before the last step, and some not at all
+    assert n_sparse < n_dense
 
 
 @pytest.mark.slow
@@ -424,6 +448,57 @@ def test_under_successive_halving_the_worker_reports_only_at_the_rungs(tmp_path,
     assert [json.loads(x)["step"] for x in (tmp_path / R.SIGNAL_FILE).read_text().splitlines()] == [2, 6]
     assert json.loads((tmp_path / R.DECIDED_FILE).read_text()) == {"step": 6, "prune": False, "next": 18}
     assert pruning.signal_values(study._storage.get_trial(0)) == {2: 2.0, 6: 2.0}  # noqa: SLF001
+    study.tell(0, [0.5, 1.0])
+    # a second trial, worse at the first rung: stopped there, training ends at the step it reported
+    override = pruning.env_override(study.study_name, study.ask().number, "minimize", 1.0)
+    reporter = pruning.reporter(storage=None, pruner={
+        "_target_": "optuna.pruners.SuccessiveHalvingPruner", "min_resource": 2, "reduction_factor": 3},
+        environ={pruning.ENV: override.split("=", 1)[1].strip("'")})
+    monkeypatch.setattr(evaluate, "eval_loss", lambda net, ex, bs, pad: 3.0)
+    (tmp_path / "1").mkdir()
+    t = worker.Trial(cfg=cfg, trial_dir=tmp_path / "1")
+    with relay.Relay(reporter, tmp_path / "1") as rl:
+        on_step = worker._signal(t, SimpleNamespace(eval=lambda: None, train=lambda: None), inputs)
+        assert next(step for step in range(1, 11) if on_step(step)) == 2  # training ends there
+    assert rl.pruned_at == 2 and t.run["pruned"] == {"step": 2, "value": 3.0, "stopped_after_step": 2}
+    assert pruning.signal_values(study._storage.get_trial(1)) == {2: 3.0}  # noqa: SLF001
+
+
+def test_an_answer_that_comes_late_still_says_when_the_next_report_is_due(tmp_path, monkeypatch):
+    """worker._signal: the answer to the report at step 2 comes after the wait ran out; the worker reads
+    it before its next cadence step, so it skips step 4 as the pruner's next rung is 6, as if it had come
+    in time. A late answer that says nothing of the next rung (None) leaves every cadence step due."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from src import evaluate, worker
+    from src import results as R
+
+    monkeypatch.setattr(evaluate, "eval_loss", lambda net, ex, bs, pad: 1.0)
+    inputs = SimpleNamespace(train_examples=[], pad_id=0, eval_examples=[SimpleNamespace(input_ids=[1])])
+    cfg = OmegaConf.create({"trial": {"reports_signal": True}, "eval": {"signal_every": 2, "signal_examples": 1},
+                            "train": {"max_steps": 12, "epochs": None, "batch_size": 1}})
+
+    def reported(folder: str, late_next: int | None) -> list[int]:
+        d = tmp_path / folder
+        d.mkdir()
+        R.atomic_write_json(d / R.DECIDED_FILE, {"step": 0, "prune": False, "next": 2})
+
+        def answer(decided: Path, step: int, wait_s: float = 0, pruned: Path | None = None) -> dict | None:
+            if step == 2:  # the answer is written just after the worker stopped waiting for it
+                R.atomic_write_json(decided, {"step": 2, "prune": False, "next": late_next})
+                return None
+            return {"step": step, "prune": False, "next": 18}
+
+        monkeypatch.setattr(worker, "_await_decision", answer)
+        on_step = worker._signal(worker.Trial(cfg=cfg, trial_dir=d), SimpleNamespace(
+            eval=lambda: None, train=lambda: None), inputs)
+        assert not any(on_step(step) for step in range(1, 13))
+        return [json.loads(x)["step"] for x in (d / R.SIGNAL_FILE).read_text().splitlines()]
+
+    assert reported("late", 6) == [2, 6]
+    assert reported("unjudged", None) == [2, 4]  # then the answer to 4 says 18
 
 
 def test_the_worker_reports_at_its_cadence_and_last_step_on_the_shortest_examples(tmp_path, monkeypatch):
