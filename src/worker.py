@@ -376,7 +376,10 @@ def _signal(t: Trial, net: Any, inputs: Inputs) -> Any:
         if pending is not None:
             late, _ = results.load(decided_path)
             if late is not None and int(late.get("step", -1)) >= pending:
-                due, pending = late.get("next"), None
+                if late.get("prune"):  # prune.json landed just after the check above
+                    return stop_at(step)
+                # the parent answers again: the next reports are waited for, so a prune costs no extra step
+                due, pending, patience = late.get("next"), None, DECISION_WAIT_S
         if not reports(step):
             return False
         t0 = time.perf_counter()

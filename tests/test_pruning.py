@@ -467,7 +467,8 @@ def test_under_successive_halving_the_worker_reports_only_at_the_rungs(tmp_path,
 def test_an_answer_that_comes_late_still_says_when_the_next_report_is_due(tmp_path, monkeypatch):
     """worker._signal: the answer to the report at step 2 comes after the wait ran out; the worker reads
     it before its next cadence step, so it skips step 4 as the pruner's next rung is 6, as if it had come
-    in time. A late answer that says nothing of the next rung (None) leaves every cadence step due."""
+    in time, and waits for the next answers again. A late answer that says nothing of the next rung
+    (None) leaves every cadence step due; a late answer that says prune stops the trial at once."""
     from types import SimpleNamespace
 
     from omegaconf import OmegaConf
@@ -480,25 +481,33 @@ def test_an_answer_that_comes_late_still_says_when_the_next_report_is_due(tmp_pa
     cfg = OmegaConf.create({"trial": {"reports_signal": True}, "eval": {"signal_every": 2, "signal_examples": 1},
                             "train": {"max_steps": 12, "epochs": None, "batch_size": 1}})
 
-    def reported(folder: str, late_next: int | None) -> list[int]:
+    def reported(folder: str, late_next: int | None, late_prune: bool = False,
+                 ) -> tuple[list[int], dict[int, float], int | None]:
+        """The steps reported, the wait given to each report's answer, and the step training stopped at."""
         d = tmp_path / folder
         d.mkdir()
         R.atomic_write_json(d / R.DECIDED_FILE, {"step": 0, "prune": False, "next": 2})
+        waits: dict[int, float] = {}
 
         def answer(decided: Path, step: int, wait_s: float = 0, pruned: Path | None = None) -> dict | None:
+            waits[step] = wait_s
             if step == 2:  # the answer is written just after the worker stopped waiting for it
-                R.atomic_write_json(decided, {"step": 2, "prune": False, "next": late_next})
+                R.atomic_write_json(decided, {"step": 2, "prune": late_prune, "next": late_next})
                 return None
             return {"step": step, "prune": False, "next": 18}
 
         monkeypatch.setattr(worker, "_await_decision", answer)
-        on_step = worker._signal(worker.Trial(cfg=cfg, trial_dir=d), SimpleNamespace(
-            eval=lambda: None, train=lambda: None), inputs)
-        assert not any(on_step(step) for step in range(1, 13))
-        return [json.loads(x)["step"] for x in (d / R.SIGNAL_FILE).read_text().splitlines()]
+        t = worker.Trial(cfg=cfg, trial_dir=d)
+        on_step = worker._signal(t, SimpleNamespace(eval=lambda: None, train=lambda: None), inputs)
+        stopped = next((step for step in range(1, 13) if on_step(step)), None)
+        assert stopped is None or t.run["pruned"]["stopped_after_step"] == stopped
+        return [json.loads(x)["step"] for x in (d / R.SIGNAL_FILE).read_text().splitlines()], waits, stopped
 
-    assert reported("late", 6) == [2, 6]
-    assert reported("unjudged", None) == [2, 4]  # then the answer to 4 says 18
+    wait = worker.DECISION_WAIT_S
+    assert reported("late", 6) == ([2, 6], {2: wait, 6: wait}, None)
+    # then the answer to 4 says 18; the report at 4 is waited for as the late answer came before it
+    assert reported("unjudged", None) == ([2, 4], {2: wait, 4: wait}, None)
+    assert reported("pruned", 6, late_prune=True) == ([2], {2: wait}, 3)
 
 
 def test_the_worker_reports_at_its_cadence_and_last_step_on_the_shortest_examples(tmp_path, monkeypatch):
