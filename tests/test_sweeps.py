@@ -59,7 +59,8 @@ def test_the_ready_studies_and_wandb_sweep_files_exist():
 
 def test_the_pruned_study_searches_what_rank_lr_searches_and_reports_on_its_rungs():
     """sweep=rank_lr_pruned is compared with sweep=rank_lr (python -m analysis compare): the same space,
-    sampler and seed, only a pruner added; its rungs fall on the trials' report cadence."""
+    sampler and seed, only a pruner added; its rungs fall on the trials' report cadence, and every
+    max_steps the space can choose is a rung, so a trial is judged at its last step too."""
     from hydra.utils import instantiate
 
     from src.sweeper import pruning
@@ -73,8 +74,14 @@ def test_the_pruned_study_searches_what_rank_lr_searches_and_reports_on_its_rung
         assert pruned.hydra.sweeper[key] == plain.hydra.sweeper[key], key
     assert plain.hydra.sweeper.pruner._target_ == "optuna.pruners.NopPruner"
     rungs = pruning.Rungs.of(instantiate(pruned.hydra.sweeper.pruner))
-    assert rungs is not None and (rungs.after(0), rungs.after(2)) == (2, 6)
-    assert all(r % pruned.eval.signal_every == 0 for r in (rungs.after(0), rungs.after(2)))
+    assert rungs is not None
+    on = [rungs.after(0)]
+    while on[-1] < 16:
+        on.append(rungs.after(on[-1]))
+    assert on == [2, 4, 8, 16]
+    assert all(r % pruned.eval.signal_every == 0 for r in on)
+    steps = str(pruned.hydra.sweeper.params["train.max_steps"])
+    assert steps == "choice(4,8,16)" and all(int(s) in on for s in steps[7:-1].split(","))
 
 
 def _expand(sweep: dict, params: dict) -> list[str]:
