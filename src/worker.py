@@ -373,13 +373,11 @@ def _signal(t: Trial, net: Any, inputs: Inputs) -> Any:
         nonlocal patience, due, pending
         if prune_path.exists():  # an answer that came after its wait ran out
             return stop_at(step)
-        if pending is not None:
-            late, _ = results.load(decided_path)
-            if late is not None and int(late.get("step", -1)) >= pending:
-                if late.get("prune"):  # prune.json landed just after the check above
-                    return stop_at(step)
-                # the parent answers again: the next reports are waited for, so a prune costs no extra step
-                due, pending, patience = late.get("next"), None, DECISION_WAIT_S
+        if pending is not None and (late := _answer_to(decided_path, pending)) is not None:
+            if late.get("prune"):  # prune.json landed just after the check above
+                return stop_at(step)
+            # the parent answers again: the next reports are waited for, so a prune costs no extra step
+            due, pending, patience = late.get("next"), None, DECISION_WAIT_S
         if not reports(step):
             return False
         t0 = time.perf_counter()
@@ -412,12 +410,18 @@ def _await_decision(decided: Path, step: int, wait_s: float = DECISION_WAIT_S,
     while True:
         if pruned is not None and pruned.exists():
             return {"step": step, "prune": True}
-        answer, _ = results.load(decided)  # written atomically: whole or absent
-        if answer is not None and int(answer.get("step", -1)) >= step:
+        if (answer := _answer_to(decided, step)) is not None:
             return answer
         if time.monotonic() >= deadline:
             return None
         time.sleep(0.005)
+
+
+def _answer_to(decided: Path, step: int) -> dict[str, Any] | None:
+    """The parent's answer in ``decided`` if it is to the report of ``step`` or a later one (the relay keeps
+    only its latest answer there), else None."""
+    answer, _ = results.load(decided)  # written atomically: whole or absent
+    return answer if answer is not None and int(answer.get("step", -1)) >= step else None
 
 
 PROFILE_WARMUP_STEPS = 2  # as bench.measure: the first steps pay for allocations and MKL's kernel choice
